@@ -1,0 +1,276 @@
+// LayerNorm on the CPU: rows split across threads (at::parallel_for, torch's OpenMP pool),
+// each row handled in float32 with loops the compiler vectorizes. The row drivers are compiled
+// for AVX-512, AVX2 and baseline x86-64 (target_clones) and picked at load time.
+//
+// Forward, per row:  mu = mean(x), var = mean((x - mu)^2)  (two passes over a row in cache),
+//                    rstd = 1/sqrt(var + eps), y = (x - mu) * rstd * w + b.
+// Backward, per row: xhat = (x - mu) * rstd, g = dy * w,
+//                    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+//                    dw += dy * xhat, db += dy  (into a per-chunk partial row).
+// dw and db are deterministic: rows are split into a fixed number of chunks that does not
+// depend on the thread count, and the chunk partials are summed in chunk order.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../layer_norm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTLM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTLM_CLONES
+#endif
+
+namespace fastlm {
+namespace {
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::BFloat16 v) {
+  uint32_t bits = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline float to_f(c10::Half v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T from_f(float v) {
+  return static_cast<T>(v);  // round to nearest even, NaN kept (c10 conversions)
+}
+
+// Parameter read: W is the input type or float; a null pointer means 1 (weight) or 0 (bias).
+template <typename W>
+inline float param(const W* p, int64_t j, float dflt) {
+  return p ? to_f(p[j]) : dflt;
+}
+
+template <typename T, typename W>
+inline void fwd_row(const T* __restrict x, const W* __restrict w, const W* __restrict b,
+                    T* __restrict y, float* mean, float* rstd, int64_t N, float eps,
+                    float* __restrict buf) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < N; ++j) {
+    buf[j] = to_f(x[j]);
+    s += buf[j];
+  }
+  const float mu = s / float(N);
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < N; ++j) {
+    const float d = buf[j] - mu;
+    ss += d * d;
+  }
+  const float rs = 1.f / std::sqrt(ss / float(N) + eps);
+  *mean = mu;
+  *rstd = rs;
+  if (w && b) {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((buf[j] - mu) * rs * to_f(w[j]) + to_f(b[j]));
+  } else if (w) {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((buf[j] - mu) * rs * to_f(w[j]));
+  } else if (b) {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((buf[j] - mu) * rs + to_f(b[j]));
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((buf[j] - mu) * rs);
+  }
+}
+
+template <typename T, typename W>
+inline void fwd_rows(const T* x, const W* w, const W* b, T* y, float* mean, float* rstd,
+                     int64_t r0, int64_t r1, int64_t N, float eps) {
+  std::vector<float> buf(N);
+  for (int64_t r = r0; r < r1; ++r)
+    fwd_row(x + r * N, w, b, y + r * N, mean + r, rstd + r, N, eps, buf.data());
+}
+
+template <typename T, typename W>
+inline void bwd_row(const T* __restrict dy, const T* __restrict x, float mu, float rs,
+                    const W* __restrict w, T* __restrict dx, float* __restrict dw,
+                    float* __restrict db, int64_t N, float* __restrict xh,
+                    float* __restrict g) {
+  float a = 0.f, c = 0.f;
+#pragma omp simd reduction(+ : a, c)
+  for (int64_t j = 0; j < N; ++j) {
+    const float dyj = to_f(dy[j]);
+    xh[j] = (to_f(x[j]) - mu) * rs;
+    g[j] = dyj * param(w, j, 1.f);
+    a += g[j] * xh[j];
+    c += g[j];
+    if (dw) dw[j] += dyj * xh[j];
+    if (db) db[j] += dyj;
+  }
+  const float inv_n = 1.f / float(N);
+  a *= inv_n;
+  c *= inv_n;
+#pragma omp simd
+  for (int64_t j = 0; j < N; ++j) dx[j] = from_f<T>(rs * (g[j] - c - xh[j] * a));
+}
+
+template <typename T, typename W>
+inline void bwd_rows(const T* dy, const T* x, const float* mean, const float* rstd, const W* w,
+                     T* dx, float* dw, float* db, int64_t r0, int64_t r1, int64_t N) {
+  std::vector<float> tmp(2 * N);
+  for (int64_t r = r0; r < r1; ++r)
+    bwd_row(dy + r * N, x + r * N, mean[r], rstd[r], w, dx + r * N, dw, db, N, tmp.data(),
+            tmp.data() + N);
+}
+
+// One non-template driver per (input, parameter) dtype pair, cloned per ISA.
+#define FASTLM_LN_DRIVERS(T, W, tag)                                                          \
+  FASTLM_CLONES void fwd_##tag(const T* x, const W* w, const W* b, T* y, float* mean,         \
+                               float* rstd, int64_t r0, int64_t r1, int64_t N, float eps) {   \
+    fwd_rows<T, W>(x, w, b, y, mean, rstd, r0, r1, N, eps);                                   \
+  }                                                                                           \
+  FASTLM_CLONES void bwd_##tag(const T* dy, const T* x, const float* mean, const float* rstd, \
+                               const W* w, T* dx, float* dw, float* db, int64_t r0,           \
+                               int64_t r1, int64_t N) {                                       \
+    bwd_rows<T, W>(dy, x, mean, rstd, w, dx, dw, db, r0, r1, N);                              \
+  }
+FASTLM_LN_DRIVERS(float, float, f32)
+FASTLM_LN_DRIVERS(c10::Half, c10::Half, f16)
+FASTLM_LN_DRIVERS(c10::Half, float, f16_f32)
+FASTLM_LN_DRIVERS(c10::BFloat16, c10::BFloat16, bf16)
+FASTLM_LN_DRIVERS(c10::BFloat16, float, bf16_f32)
+#undef FASTLM_LN_DRIVERS
+
+// Calls f(tag-driver-pair) for the input dtype and whether the parameters are float32.
+#define FASTLM_LN_DISPATCH(xtype, param_f32, CALL)                                    \
+  switch (xtype) {                                                                    \
+    case at::kFloat: CALL(float, float, f32); break;                                 \
+    case at::kHalf:                                                                   \
+      if (param_f32) { CALL(c10::Half, float, f16_f32); }                            \
+      else { CALL(c10::Half, c10::Half, f16); }                                      \
+      break;                                                                          \
+    case at::kBFloat16:                                                               \
+      if (param_f32) { CALL(c10::BFloat16, float, bf16_f32); }                       \
+      else { CALL(c10::BFloat16, c10::BFloat16, bf16); }                             \
+      break;                                                                          \
+    default: TORCH_CHECK(false, "fastlm.layer_norm: unsupported dtype ", xtype);      \
+  }
+
+bool params_f32(const at::Tensor& x, const std::optional<at::Tensor>& w,
+                const std::optional<at::Tensor>& b) {
+  const at::Tensor* p = (w && w->defined()) ? &*w : ((b && b->defined()) ? &*b : nullptr);
+  const bool f32 = p && p->scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
+  if (w && w->defined() && b && b->defined())
+    TORCH_CHECK(w->scalar_type() == b->scalar_type(),
+                "fastlm.layer_norm: weight and bias must have the same dtype, got ",
+                w->scalar_type(), " and ", b->scalar_type());
+  return f32;
+}
+
+std::optional<at::Tensor> contig(const std::optional<at::Tensor>& p) {
+  if (p && p->defined()) return p->contiguous();
+  return std::nullopt;
+}
+
+constexpr int64_t kGrainRows = 16;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  ln_check_fwd(input, weight, bias);
+  const bool pf32 = params_f32(input, weight, bias);
+  const at::Tensor x = input.contiguous();
+  const auto w = contig(weight), b = contig(bias);
+  const int64_t M = x.size(0), N = x.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {y, mean, rstd};
+  if (N == 0) {
+    mean.fill_(std::nanf(""));
+    rstd.fill_(std::nanf(""));
+    return {y, mean, rstd};
+  }
+  const float feps = static_cast<float>(eps);
+#define CALL(T, W, tag)                                                                       \
+  at::parallel_for(0, M, kGrainRows, [&](int64_t r0, int64_t r1) {                            \
+    fwd_##tag(x.const_data_ptr<T>(), static_cast<const W*>(opt_ptr(w)),                       \
+              static_cast<const W*>(opt_ptr(b)), y.mutable_data_ptr<T>(),                     \
+              mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), r0, r1, N,     \
+              feps);                                                                          \
+  })
+  FASTLM_LN_DISPATCH(x.scalar_type(), pf32, CALL)
+#undef CALL
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool weight_grad, bool bias_grad) {
+  ln_check_bwd(grad_out, input, mean, rstd, weight, bias, weight_grad, bias_grad);
+  const bool pf32 = params_f32(input, weight, bias);
+  const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
+  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
+  const auto w = contig(weight);
+  const int64_t M = x.size(0), N = x.size(1);
+  at::Tensor dx = at::empty({M, N}, x.options());
+  at::Tensor dw = ln_param_grad(weight, weight_grad, x);
+  at::Tensor db = ln_param_grad(bias, bias_grad, x);
+  const bool partials = weight_grad || bias_grad;
+  // Fixed chunking (independent of the thread count) keeps dw/db bit-reproducible.
+  const int64_t chunks = partials ? std::max<int64_t>(1, std::min<int64_t>(M, 32)) : 1;
+  at::Tensor part;
+  if (partials) part = at::empty({2, chunks, N}, x.options().dtype(at::kFloat)).zero_();
+  if (M > 0 && N > 0) {
+    float* pw = partials && weight_grad ? part.mutable_data_ptr<float>() : nullptr;
+    float* pb = partials && bias_grad ? part.mutable_data_ptr<float>() + chunks * N : nullptr;
+#define CALL(T, W, tag)                                                                       \
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {                                \
+    for (int64_t c = c0; c < c1; ++c) {                                                       \
+      const int64_t r0 = c * M / chunks, r1 = (c + 1) * M / chunks;                           \
+      bwd_##tag(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), mu.const_data_ptr<float>(),    \
+                rs.const_data_ptr<float>(), static_cast<const W*>(opt_ptr(w)),                \
+                dx.mutable_data_ptr<T>(), pw ? pw + c * N : nullptr,                          \
+                pb ? pb + c * N : nullptr, r0, r1, N);                                        \
+    }                                                                                         \
+  })
+    FASTLM_LN_DISPATCH(x.scalar_type(), pf32, CALL)
+#undef CALL
+  }
+  // Sum the chunk partials column by column, in chunk order.
+  auto reduce = [&](at::Tensor& out, const float* p) {
+    if (!out.numel()) return;
+    std::vector<float> acc(N, 0.f);
+    at::parallel_for(0, N, 2048, [&](int64_t j0, int64_t j1) {
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t j = j0; j < j1; ++j) acc[j] += p[c * N + j];
+    });
+    switch (out.scalar_type()) {
+      case at::kFloat: std::memcpy(out.mutable_data_ptr<float>(), acc.data(), N * 4); break;
+      case at::kHalf: {
+        auto* o = out.mutable_data_ptr<c10::Half>();
+        for (int64_t j = 0; j < N; ++j) o[j] = c10::Half(acc[j]);
+      } break;
+      case at::kBFloat16: {
+        auto* o = out.mutable_data_ptr<c10::BFloat16>();
+        for (int64_t j = 0; j < N; ++j) o[j] = c10::BFloat16(acc[j]);
+      } break;
+      default: TORCH_CHECK(false, "fastlm.layer_norm: unsupported parameter dtype");
+    }
+  };
+  if (weight_grad) reduce(dw, part.const_data_ptr<float>());
+  if (bias_grad) reduce(db, part.const_data_ptr<float>() + chunks * N);
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+}
+
+}  // namespace fastlm

@@ -1,0 +1,487 @@
+// LayerNorm on CUDA: forward, backward, and the deterministic dweight/dbias reduce.
+//
+// Layout: a row of N elements is owned by TX threads (threadIdx.x, a multiple of 32); a block
+// holds TY rows (threadIdx.y). Each thread moves VEC elements per 16-byte access.
+//
+// Register kernels (ITEMS vectors per thread, the whole row lives in registers):
+//   forward:  read x once; mu = sum(x)/N; var = sum((x-mu)^2)/N from registers (two-pass,
+//             exact for large means); y = (x-mu)*rstd*w + b; mean, rstd stored in float32.
+//   backward: xhat = (x-mu)*rstd, g = dy*w;  a = sum(g*xhat)/N, c = sum(g)/N;
+//             dx = rstd*(g - c - xhat*a);  dw += dy*xhat, db += dy, kept in registers across the
+//             rows a block visits (grid-stride over row groups), then written once as one
+//             partial row per (block, ty). No atomics.
+// Loop kernels (rows too long for registers, or N not a multiple of VEC / unaligned data):
+//   the same math, re-reading the row from global memory (L2-resident) for each pass; the
+//   backward's partial rows are read-modify-written by the block that owns them.
+// Reduce kernel: out[j] = sum over partial rows r of part[r, j], in r order (bit-reproducible).
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../layer_norm.h"
+#include "common.cuh"
+
+namespace fastlm {
+namespace cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Forward, whole row in registers.
+template <typename T, int VEC, int ITEMS>
+__global__ void ln_fwd_reg(const T* __restrict x, const void* __restrict w,
+                           const void* __restrict b, bool param_f32, T* __restrict y,
+                           float* __restrict mean, float* __restrict rstd, int64_t M, int N,
+                           float eps) {
+  extern __shared__ float smem[];
+  const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool live = row < M;  // dead rows still join the block-wide reductions
+  const T* xr = x + row * N;
+  float v[ITEMS][VEC];
+  float s = 0.f, unused = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int j = (threadIdx.x + i * blockDim.x) * VEC;
+    if (live && j < N) {
+      load_f<T, VEC>(xr + j, v[i]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[i][k] = 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s += v[i][k];
+  }
+  row_sum2(s, unused, smem);
+  const float mu = s / N;
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int j = (threadIdx.x + i * blockDim.x) * VEC;
+    if (j < N) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float d = v[i][k] - mu;
+        ss += d * d;
+      }
+    }
+  }
+  row_sum2(ss, unused, smem);
+  if (!live) return;
+  const float rs = rsqrtf(ss / N + eps);
+  if (threadIdx.x == 0) {
+    mean[row] = mu;
+    rstd[row] = rs;
+  }
+  T* yr = y + row * N;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int j = (threadIdx.x + i * blockDim.x) * VEC;
+    if (j < N) {
+      float wv[VEC], bv[VEC], o[VEC];
+      load_param<T, VEC>(w, param_f32, j, 1.f, wv);
+      load_param<T, VEC>(b, param_f32, j, 0.f, bv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) o[k] = (v[i][k] - mu) * rs * wv[k] + bv[k];
+      store_f<T, VEC>(yr + j, o);
+    }
+  }
+}
+
+// Forward, any row length: one row per block (TY == 1), three passes over the row.
+template <typename T, int VEC>
+__global__ void ln_fwd_loop(const T* __restrict x, const void* __restrict w,
+                            const void* __restrict b, bool param_f32, T* __restrict y,
+                            float* __restrict mean, float* __restrict rstd, int N, float eps) {
+  extern __shared__ float smem[];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * N;
+  float s = 0.f, unused = 0.f;
+  for (int j = threadIdx.x * VEC; j < N; j += blockDim.x * VEC) {
+    float v[VEC];
+    load_f<T, VEC>(xr + j, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s += v[k];
+  }
+  row_sum2(s, unused, smem);
+  const float mu = s / N;
+  float ss = 0.f;
+  for (int j = threadIdx.x * VEC; j < N; j += blockDim.x * VEC) {
+    float v[VEC];
+    load_f<T, VEC>(xr + j, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) ss += (v[k] - mu) * (v[k] - mu);
+  }
+  row_sum2(ss, unused, smem);
+  const float rs = rsqrtf(ss / N + eps);
+  if (threadIdx.x == 0) {
+    mean[row] = mu;
+    rstd[row] = rs;
+  }
+  T* yr = y + row * N;
+  for (int j = threadIdx.x * VEC; j < N; j += blockDim.x * VEC) {
+    float v[VEC], wv[VEC], bv[VEC];
+    load_f<T, VEC>(xr + j, v);
+    load_param<T, VEC>(w, param_f32, j, 1.f, wv);
+    load_param<T, VEC>(b, param_f32, j, 0.f, bv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = (v[k] - mu) * rs * wv[k] + bv[k];
+    store_f<T, VEC>(yr + j, v);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward, whole row in registers; grid-stride over groups of blockDim.y rows.
+// part: [gridDim.x * blockDim.y, N] float32 partial dw, then the same for db (or null).
+template <typename T, int VEC, int ITEMS>
+__global__ void ln_bwd_reg(const T* __restrict dy, const T* __restrict x,
+                           const float* __restrict mean, const float* __restrict rstd,
+                           const void* __restrict w, bool param_f32, T* __restrict dx,
+                           float* __restrict part_w, float* __restrict part_b, int64_t M,
+                           int N) {
+  extern __shared__ float smem[];
+  float dw[ITEMS][VEC], db[ITEMS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dw[i][k] = db[i][k] = 0.f;
+  const int64_t groups = (M + blockDim.y - 1) / blockDim.y;
+  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {
+    const int64_t row = g * blockDim.y + threadIdx.y;
+    const bool live = row < M;
+    const float mu = live ? mean[row] : 0.f, rs = live ? rstd[row] : 0.f;
+    float xh[ITEMS][VEC], gv[ITEMS][VEC];
+    float a = 0.f, c = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int j = (threadIdx.x + i * blockDim.x) * VEC;
+      float dv[VEC], wv[VEC];
+      if (live && j < N) {
+        load_f<T, VEC>(x + row * N + j, xh[i]);
+        load_f<T, VEC>(dy + row * N + j, dv);
+        load_param<T, VEC>(w, param_f32, j, 1.f, wv);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) xh[i][k] = dv[k] = wv[k] = 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        xh[i][k] = (xh[i][k] - mu) * rs;
+        gv[i][k] = dv[k] * wv[k];
+        a += gv[i][k] * xh[i][k];
+        c += gv[i][k];
+        dw[i][k] += dv[k] * xh[i][k];
+        db[i][k] += dv[k];
+      }
+    }
+    row_sum2(a, c, smem);
+    if (live) {
+      a /= N;
+      c /= N;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int j = (threadIdx.x + i * blockDim.x) * VEC;
+        if (j < N) {
+          float o[VEC];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) o[k] = rs * (gv[i][k] - c - xh[i][k] * a);
+          store_f<T, VEC>(dx + row * N + j, o);
+        }
+      }
+    }
+  }
+  if (part_w == nullptr) return;
+  const int64_t prow = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int j = (threadIdx.x + i * blockDim.x) * VEC;
+    if (j < N) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        part_w[prow * N + j + k] = dw[i][k];
+        part_b[prow * N + j + k] = db[i][k];
+      }
+    }
+  }
+}
+
+// Backward, any row length: block b handles rows b, b + gridDim.x, ... (TY == 1) and owns
+// partial row b, which it read-modify-writes (zeroed by its first row).
+template <typename T, int VEC>
+__global__ void ln_bwd_loop(const T* __restrict dy, const T* __restrict x,
+                            const float* __restrict mean, const float* __restrict rstd,
+                            const void* __restrict w, bool param_f32, T* __restrict dx,
+                            float* __restrict part_w, float* __restrict part_b, int64_t M,
+                            int N) {
+  extern __shared__ float smem[];
+  float* pw = part_w ? part_w + int64_t(blockIdx.x) * N : nullptr;
+  float* pb = part_b ? part_b + int64_t(blockIdx.x) * N : nullptr;
+  bool first = true;
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    const float mu = mean[row], rs = rstd[row];
+    const T* xr = x + row * N;
+    const T* dyr = dy + row * N;
+    float a = 0.f, c = 0.f;
+    for (int j = threadIdx.x * VEC; j < N; j += blockDim.x * VEC) {
+      float xv[VEC], dv[VEC], wv[VEC];
+      load_f<T, VEC>(xr + j, xv);
+      load_f<T, VEC>(dyr + j, dv);
+      load_param<T, VEC>(w, param_f32, j, 1.f, wv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float g = dv[k] * wv[k];
+        a += g * (xv[k] - mu) * rs;
+        c += g;
+      }
+    }
+    row_sum2(a, c, smem);
+    a /= N;
+    c /= N;
+    for (int j = threadIdx.x * VEC; j < N; j += blockDim.x * VEC) {
+      float xv[VEC], dv[VEC], wv[VEC], o[VEC];
+      load_f<T, VEC>(xr + j, xv);
+      load_f<T, VEC>(dyr + j, dv);
+      load_param<T, VEC>(w, param_f32, j, 1.f, wv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float xh = (xv[k] - mu) * rs;
+        o[k] = rs * (dv[k] * wv[k] - c - xh * a);
+        if (pw) {
+          pw[j + k] = (first ? 0.f : pw[j + k]) + dv[k] * xh;
+          pb[j + k] = (first ? 0.f : pb[j + k]) + dv[k];
+        }
+      }
+      store_f<T, VEC>(dx + row * N + j, o);
+    }
+    first = false;
+  }
+  if (pw && first) {  // this block had no row: its partial row is zero
+    for (int j = threadIdx.x; j < N; j += blockDim.x) pw[j] = pb[j] = 0.f;
+  }
+}
+
+// out[j] = sum_r part[r, j] in r order. Block (32, 8): each ty sums a strided subset of rows,
+// then ty == 0 adds the 8 subtotals in order. out_kind: 0 float32, 1 float16, 2 bfloat16.
+__global__ void column_sum(const float* __restrict part, int64_t R, int N, void* __restrict out,
+                           int out_kind) {
+  __shared__ float s[8][33];
+  const int j = blockIdx.x * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (j < N)
+    for (int64_t r = threadIdx.y; r < R; r += 8) acc += part[r * N + j];
+  s[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y != 0 || j >= N) return;
+  float t = 0.f;
+#pragma unroll
+  for (int q = 0; q < 8; ++q) t += s[q][threadIdx.x];
+  if (out_kind == 0) static_cast<float*>(out)[j] = t;
+  else if (out_kind == 1) static_cast<__half*>(out)[j] = __float2half_rn(t);
+  else static_cast<__nv_bfloat16*>(out)[j] = __float2bfloat16_rn(t);
+}
+
+// ------------------------------------------------------------------------------------------
+// Launch planning.
+struct Plan {
+  int vec;    // elements per access (1 when N or the pointers do not allow 16 bytes)
+  int items;  // vectors per thread held in registers; 0 = loop kernel
+  int tx, ty; // threads per row, rows per block
+};
+
+// max_items: the largest register-kernel ITEMS (8 forward, 4 backward: dw/db also live there).
+Plan plan_rows(int64_t N, int elem_size, bool aligned, int max_items) {
+  const int full = 16 / elem_size;
+  Plan p{(aligned && N % full == 0) ? full : 1, 0, 0, 1};
+  if (p.vec == full) {
+    const int64_t nv = N / p.vec;
+    for (int items = 1; items <= max_items; items *= 2) {
+      const int64_t tx = ((nv + items - 1) / items + 31) / 32 * 32;
+      if (tx <= (items == max_items ? 1024 : 256)) {
+        p.items = items;
+        p.tx = int(tx);
+        p.ty = std::max(1, 256 / p.tx);
+        return p;
+      }
+    }
+  }
+  p.tx = int(std::min<int64_t>(1024, std::max<int64_t>(32, (N / p.vec + 31) / 32 * 32)));
+  return p;  // loop kernel, one row per block
+}
+
+// Calls F with the CUDA element type for x's dtype.
+template <typename F>
+void dispatch_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, "fastlm.layer_norm: unsupported dtype ", t);
+  }
+}
+
+// Calls f(std::integral_constant<int, ITEMS>) for ITEMS in {1, 2, 4, 8}.
+template <typename F>
+void dispatch_items(int items, F&& f) {
+  switch (items) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+std::optional<at::Tensor> contig(const std::optional<at::Tensor>& p) {
+  if (p && p->defined()) return p->contiguous();
+  return std::nullopt;
+}
+
+bool params_f32(const at::Tensor& x, const std::optional<at::Tensor>& w,
+                const std::optional<at::Tensor>& b) {
+  if (w && w->defined() && b && b->defined())
+    TORCH_CHECK(w->scalar_type() == b->scalar_type(),
+                "fastlm.layer_norm: weight and bias must have the same dtype, got ",
+                w->scalar_type(), " and ", b->scalar_type());
+  const at::Tensor* p = (w && w->defined()) ? &*w : ((b && b->defined()) ? &*b : nullptr);
+  return p && p->scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
+}
+
+size_t reduce_smem(const Plan& p) { return sizeof(float) * 2 * p.ty * (p.tx / 32); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  ln_check_fwd(input, weight, bias);
+  const bool pf32 = params_f32(input, weight, bias);
+  c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous();
+  const auto w = contig(weight), b = contig(bias);
+  const int64_t M = x.size(0), N = x.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {y, mean, rstd};
+  if (N == 0) {
+    mean.fill_(NAN);
+    rstd.fill_(NAN);
+    return {y, mean, rstd};
+  }
+  const bool aligned = aligned16(x.const_data_ptr()) && aligned16(y.const_data_ptr()) &&
+                       (!w || aligned16(w->const_data_ptr())) &&
+                       (!b || aligned16(b->const_data_ptr()));
+  const Plan p = plan_rows(N, x.element_size(), aligned, 8);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 block(p.tx, p.ty);
+  const size_t smem = reduce_smem(p);
+  dispatch_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int FULL = 16 / sizeof(T);
+    const T* xp = static_cast<const T*>(x.const_data_ptr());
+    T* yp = static_cast<T*>(y.mutable_data_ptr());
+    if (p.items > 0) {
+      dispatch_items(p.items, [&](auto items) {
+        const unsigned grid = unsigned((M + p.ty - 1) / p.ty);
+        ln_fwd_reg<T, FULL, decltype(items)::value><<<grid, block, smem, stream>>>(
+            xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
+            rstd.mutable_data_ptr<float>(), M, int(N), float(eps));
+      });
+    } else if (p.vec == FULL) {
+      ln_fwd_loop<T, FULL><<<unsigned(M), block, smem, stream>>>(
+          xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
+          rstd.mutable_data_ptr<float>(), int(N), float(eps));
+    } else {
+      ln_fwd_loop<T, 1><<<unsigned(M), block, smem, stream>>>(
+          xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
+          rstd.mutable_data_ptr<float>(), int(N), float(eps));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, mean, rstd};
+}
+
+void launch_column_sum(const float* part, int64_t R, int64_t N, at::Tensor& out,
+                       cudaStream_t stream) {
+  const int kind = out.scalar_type() == at::kFloat ? 0 : (out.scalar_type() == at::kHalf ? 1 : 2);
+  column_sum<<<unsigned((N + 31) / 32), dim3(32, 8), 0, stream>>>(
+      part, R, int(N), out.mutable_data_ptr(), kind);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool weight_grad, bool bias_grad) {
+  ln_check_bwd(grad_out, input, mean, rstd, weight, bias, weight_grad, bias_grad);
+  const bool pf32 = params_f32(input, weight, bias);
+  c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
+  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
+  const auto w = contig(weight);
+  const int64_t M = x.size(0), N = x.size(1);
+  at::Tensor dx = at::empty({M, N}, x.options());
+  at::Tensor dw = ln_param_grad(weight, weight_grad, x);
+  at::Tensor db = ln_param_grad(bias, bias_grad, x);
+  const bool partials = weight_grad || bias_grad;
+  if (N == 0) return {dx, dw, db};
+  if (M == 0) {
+    if (dw.numel()) dw.zero_();
+    if (db.numel()) db.zero_();
+    return {dx, dw, db};
+  }
+  const bool aligned = aligned16(x.const_data_ptr()) && aligned16(dy.const_data_ptr()) &&
+                       aligned16(dx.const_data_ptr()) && (!w || aligned16(w->const_data_ptr()));
+  const Plan p = plan_rows(N, x.element_size(), aligned, 4);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(x.get_device());
+  const dim3 block(p.tx, p.ty);
+  const size_t smem = reduce_smem(p);
+  // Persistent grid: as many blocks as fit on the device at once (a device constant, so the
+  // partial-row layout and hence the bits of dw/db are the same on every call).
+  const int64_t groups = (M + p.ty - 1) / p.ty;
+  const int64_t per_sm = std::max(1, 2048 / (p.tx * p.ty));
+  const int64_t grid = std::min<int64_t>(groups, sms * per_sm);
+  const int64_t prows = grid * p.ty;
+  at::Tensor part;
+  float* pw = nullptr;
+  float* pb = nullptr;
+  if (partials) {
+    part = at::empty({2, prows, N}, x.options().dtype(at::kFloat));
+    pw = part.mutable_data_ptr<float>();
+    pb = pw + prows * N;
+  }
+  dispatch_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int FULL = 16 / sizeof(T);
+    const T* dyp = static_cast<const T*>(dy.const_data_ptr());
+    const T* xp = static_cast<const T*>(x.const_data_ptr());
+    T* dxp = static_cast<T*>(dx.mutable_data_ptr());
+    if (p.items > 0) {
+      dispatch_items(std::min(p.items, 4), [&](auto items) {
+        constexpr int I = decltype(items)::value > 4 ? 4 : decltype(items)::value;
+        ln_bwd_reg<T, FULL, I><<<unsigned(grid), block, smem, stream>>>(
+            dyp, xp, mu.const_data_ptr<float>(), rs.const_data_ptr<float>(), opt_ptr(w), pf32,
+            dxp, pw, pb, M, int(N));
+      });
+    } else if (p.vec == FULL) {
+      ln_bwd_loop<T, FULL><<<unsigned(grid), block, smem, stream>>>(
+          dyp, xp, mu.const_data_ptr<float>(), rs.const_data_ptr<float>(), opt_ptr(w), pf32,
+          dxp, pw, pb, M, int(N));
+    } else {
+      ln_bwd_loop<T, 1><<<unsigned(grid), block, smem, stream>>>(
+          dyp, xp, mu.const_data_ptr<float>(), rs.const_data_ptr<float>(), opt_ptr(w), pf32,
+          dxp, pw, pb, M, int(N));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (weight_grad) launch_column_sum(pw, prows, N, dw, stream);
+  if (bias_grad) launch_column_sum(pb, prows, N, db, stream);
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+  m.impl("layer_norm_fwd", &cuda::layer_norm_fwd_cuda);
+  m.impl("layer_norm_bwd", &cuda::layer_norm_bwd_cuda);
+}
+
+}  // namespace fastlm

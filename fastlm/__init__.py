@@ -1,0 +1,20 @@
+"""fastlm: fused Transformer-training kernels for PyTorch.
+
+    import fastlm
+    y = fastlm.layer_norm(x, (1024,), weight, bias)      # like torch.nn.functional.layer_norm
+    ln = fastlm.nn.LayerNorm(1024)                       # like torch.nn.LayerNorm
+    with fastlm.use_backend("triton"): ...               # force a backend
+
+Importing fastlm loads fastlm._C (the C++/CUDA kernels, registered as torch.ops.fastlm.*);
+if it cannot be loaded, the torch and triton backends still work and
+fastlm.backends.available() says why.
+"""
+
+__version__ = "0.1.0"
+
+from . import _ext, backends  # noqa: E402  (_ext loads fastlm._C and its op registrations)
+from .backends import use_backend  # noqa: E402
+from .ops.layer_norm import layer_norm  # noqa: E402
+from . import nn  # noqa: E402
+
+__all__ = ["layer_norm", "use_backend", "backends", "nn", "__version__"]

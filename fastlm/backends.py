@@ -1,0 +1,138 @@
+"""Which backends exist here, which one runs, and the switches that override the choice.
+
+Backends: ``cuda`` (CUDA C++ kernels in fastlm._C), ``triton`` (kernels/), ``cpu`` (C++ CPU
+kernels in fastlm._C) and ``torch`` (the pure-PyTorch reference). The default for a tensor is
+the fastest available backend for its device: cuda > triton > torch on a GPU, cpu > torch on
+the CPU. Override with ``with fastlm.use_backend("triton"): ...`` or the environment variable
+``FASTLM_BACKEND`` (read at import and by :func:`reload_env`); the context manager wins.
+"""
+
+import contextlib
+import os
+
+import torch
+
+from . import _ext
+
+NAMES = ("cuda", "triton", "cpu", "torch")
+_DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for that cannot run here; the message names the fix."""
+
+
+def _triton_importable():
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (any failure means: no triton backend)
+        return False, f"triton cannot be imported ({e}): pip install triton"
+    return True, ""
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _probe():
+    """name -> {device type: (ok, reason)}; computed once, at import."""
+    gpu = torch.cuda.is_available()
+    no_gpu = "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    c_ok = _ext.C is not None
+    c_why = _ext.ERROR or ""
+    if not c_ok:
+        cuda = (False, c_why)
+    elif not _ext.C.with_cuda:
+        cuda = (False, "fastlm was built without CUDA kernels: rebuild with nvcc on PATH (or "
+                       "CUDA_HOME set) and a CUDA build of torch, without FASTLM_SKIP_CUDA")
+    elif not gpu:
+        cuda = (False, no_gpu)
+    else:
+        cuda = (True, "")
+    t_ok, t_why = _triton_importable()
+    triton_gpu = (t_ok and gpu, t_why or ("" if gpu else no_gpu))
+    triton_cpu = (t_ok and _interpret(), t_why or (
+        "" if _interpret() else "Triton runs on CPU tensors only in its interpreter: "
+        "set TRITON_INTERPRET=1 before importing fastlm (slow; for tests)"))
+    not_cuda = (False, "the cuda backend runs on CUDA tensors only")
+    not_cpu = (False, "the cpu backend runs on CPU tensors only")
+    return {
+        "cuda": {"cuda": cuda, "cpu": not_cuda},
+        "triton": {"cuda": triton_gpu, "cpu": triton_cpu},
+        "cpu": {"cuda": not_cpu, "cpu": (c_ok, c_why)},
+        "torch": {"cuda": (True, ""), "cpu": (True, "")},
+    }
+
+
+_AVAIL = _probe()
+_forced = []  # stack of names pushed by use_backend()
+_env = None
+
+
+def _check_name(name, source):
+    if name not in NAMES:
+        raise ValueError(f"{source}: unknown fastlm backend {name!r}; expected one of {NAMES}")
+    return name
+
+
+def reload_env():
+    """Re-read FASTLM_BACKEND (empty or unset: automatic choice)."""
+    global _env
+    name = os.environ.get("FASTLM_BACKEND", "").strip().lower() or None
+    _env = _check_name(name, "FASTLM_BACKEND") if name else None
+
+
+reload_env()
+
+
+def available():
+    """{backend: {device type: (ok, reason)}} for this machine and build."""
+    return {k: dict(v) for k, v in _AVAIL.items()}
+
+
+def default_for(device_type):
+    """The backend an op on a tensor of this device type uses when nothing is forced."""
+    for name in _DEFAULT_ORDER.get(device_type, ("torch",)):
+        if _AVAIL[name].get(device_type, (False, ""))[0]:
+            return name
+    return "torch"
+
+
+def forced():
+    """The backend forced by use_backend() or FASTLM_BACKEND, else None."""
+    return _forced[-1] if _forced else _env
+
+
+def select(op, device, dtype, kernel_dtypes):
+    """The backend that runs `op` for a tensor of `dtype` on `device`.
+
+    Kernel backends take the dtypes in `kernel_dtypes`; for any other (float64, say) the
+    automatic choice is the torch reference, and a forced kernel backend is an error.
+    """
+    name = forced()
+    dev = device.type
+    if name is None:
+        return default_for(dev) if dtype in kernel_dtypes else "torch"
+    if name != "torch":
+        if dtype not in kernel_dtypes:
+            raise TypeError(f"{op}: backend {name!r} supports "
+                            f"{', '.join(str(d).removeprefix('torch.') for d in kernel_dtypes)}"
+                            f", got {dtype}; use the 'torch' backend for it")
+        ok, why = _AVAIL[name].get(dev, (False, f"fastlm has no {name} kernels for {dev}"))
+        if not ok:
+            raise BackendUnavailable(f"fastlm backend {name!r} is not available for {dev} "
+                                     f"tensors: {why}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run fastlm ops inside the block on backend `name` (one of NAMES), or automatically
+    when `name` is None."""
+    if name is not None:
+        _check_name(name, "use_backend")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()

@@ -1,0 +1,1 @@
+"""The Python faces of fastlm's ops: reference, fake kernels, autograd, backend choice."""

@@ -1,0 +1,1 @@
+"""fastlm's Triton kernels and their launch functions (installed as fastlm.kernels)."""

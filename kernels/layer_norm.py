@@ -1,0 +1,258 @@
+"""LayerNorm in Triton: forward, backward, and the deterministic dweight/dbias column sum.
+
+Shipped as fastlm.kernels.layer_norm. No autograd here: fastlm/ops/layer_norm.py wraps
+`forward` and `backward` in torch.library.triton_op and ties them together.
+
+Rows up to SINGLE_MAX elements are held whole in one program (one load, two reductions from
+registers); longer rows are walked in CHUNK-element pieces, re-reading the row from L2.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+SINGLE_MAX = 16384  # longest row held whole in one program
+CHUNK = 4096  # piece size for longer rows
+
+
+@triton.jit
+def _ln_fwd(
+    X,  # input, (M, N) contiguous
+    W,  # weight (N,), input dtype or float32; unused unless HAS_W
+    B,  # bias (N,), as W; unused unless HAS_B
+    Y,  # output, (M, N), input dtype
+    Mean,  # (M,) float32
+    Rstd,  # (M,) float32
+    N,  # row length
+    eps,  # added to the variance
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # next power of two >= N when SINGLE, else the chunk size
+    SINGLE: tl.constexpr,  # the whole row fits in one block
+):
+    # One program per row: mean, then the variance of the centred row (two-pass, so a large
+    # mean does not cancel away the variance), then y = (x - mean) * rstd * w + b.
+    row = tl.program_id(0).to(tl.int64)
+    xr = X + row * N
+    yr = Y + row * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(xr + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        y = xc * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(yr + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            acc += tl.load(xr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=0) / N
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            xc = tl.where(mask, tl.load(xr + cols, mask=mask, other=0.0).to(tl.float32) - mean,
+                          0.0)
+            acc += xc * xc
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            y = (tl.load(xr + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+            if HAS_W:
+                y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(yr + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _ln_bwd(
+    DY,  # grad of the output, (M, N) contiguous
+    X,  # input, (M, N) contiguous
+    W,  # weight (N,); unused unless HAS_W
+    Mean,  # (M,) float32 from the forward
+    Rstd,  # (M,) float32 from the forward
+    DX,  # grad of the input, (M, N)
+    PW,  # (programs, N) float32 partial dweight; zeroed by the caller unless SINGLE
+    PB,  # (programs, N) float32 partial dbias; as PW
+    M,  # rows
+    N,  # row length
+    rows_per_prog,  # each program owns rows [pid * rows_per_prog, (pid + 1) * rows_per_prog)
+    HAS_W: tl.constexpr,
+    PARTIALS: tl.constexpr,  # accumulate dweight/dbias partials
+    BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    # Per row, with xhat = (x - mean) * rstd and g = dy * w:
+    #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    #   dw += dy * xhat,  db += dy  (summed over this program's rows; the column sum over
+    #   programs happens in _col_sum, in program order, so the result is bit-reproducible)
+    pid = tl.program_id(0)
+    r0 = pid.to(tl.int64) * rows_per_prog  # int64 rows: row * N may pass 2**31
+    r1 = tl.minimum(r0 + rows_per_prog, M)
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for row in range(r0, r1):
+            off = row * N
+            x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + row)
+            rstd = tl.load(Rstd + row)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            g = dy
+            if HAS_W:
+                g = dy * w
+            a = tl.sum(g * xhat, axis=0) / N
+            c = tl.sum(g, axis=0) / N
+            dx = rstd * (g - c - xhat * a)
+            tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if PARTIALS:
+                dw += dy * xhat
+                db += dy
+        if PARTIALS:
+            tl.store(PW + pid * N + cols, dw, mask=mask)
+            tl.store(PB + pid * N + cols, db, mask=mask)
+    else:
+        for row in range(r0, r1):
+            off = row * N
+            mean = tl.load(Mean + row)
+            rstd = tl.load(Rstd + row)
+            acc_a = tl.zeros([BLOCK_N], dtype=tl.float32)
+            acc_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+                g = dy
+                if HAS_W:
+                    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                acc_a += g * tl.where(mask, (x - mean) * rstd, 0.0)
+                acc_c += g
+            a = tl.sum(acc_a, axis=0) / N
+            c = tl.sum(acc_c, axis=0) / N
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                g = dy
+                if HAS_W:
+                    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                dx = rstd * (g - c - xhat * a)
+                tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                if PARTIALS:
+                    pw = PW + pid * N + cols
+                    pb = PB + pid * N + cols
+                    tl.store(pw, tl.load(pw, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                    tl.store(pb, tl.load(pb, mask=mask, other=0.0) + dy, mask=mask)
+
+
+@triton.jit
+def _col_sum(
+    P,  # (R, N) float32 partials
+    Out,  # (N,) the parameter's dtype
+    R,  # partial rows
+    N,  # columns
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Out[j] = sum_r P[r, j]: a fixed tile walk and a fixed tree, so the same bits every run.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(0, R, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        m = (rows[:, None] < R) & (cols[None, :] < N)
+        acc += tl.load(P + rows[:, None].to(tl.int64) * N + cols[None, :], mask=m, other=0.0)
+    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < N)
+
+
+def _config(n):
+    """(BLOCK_N, SINGLE, num_warps) for rows of n elements."""
+    if n <= SINGLE_MAX:
+        block = max(16, triton.next_power_of_2(n))
+        single = True
+    else:
+        block, single = CHUNK, False
+    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return block, single, warps
+
+
+def _programs(m, device):
+    """Backward programs: a device constant (so dw/db bits repeat), at most one per row."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(m, 4 * sms))
+    return max(1, min(m, 8))
+
+
+def forward(x, weight, bias, eps):
+    """(y, mean, rstd) for a 2-D x; weight and bias are (N,) or None."""
+    x = x.contiguous()
+    m, n = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty((m,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0 or n == 0:
+        return y, mean.fill_(float("nan")), rstd.fill_(float("nan"))
+    w = x if weight is None else weight.contiguous()
+    b = x if bias is None else bias.contiguous()
+    block, single, warps = _config(n)
+    wrap_triton(_ln_fwd)[(m,)](
+        x, w, b, y, mean, rstd, n, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_N=block, SINGLE=single,
+        num_warps=warps)
+    return y, mean, rstd
+
+
+def _param_grad(p, wanted, x):
+    if wanted:
+        return torch.empty_like(p)
+    return torch.empty((0,), dtype=torch.float32, device=x.device)
+
+
+def backward(dy, x, mean, rstd, weight, bias, weight_grad, bias_grad):
+    """(dx, dweight, dbias); dweight (dbias) is empty float32 unless weight_grad (bias_grad)."""
+    x = x.contiguous()
+    dy = dy.contiguous()
+    m, n = x.shape
+    dx = torch.empty_like(x)
+    dw = _param_grad(weight, weight_grad, x)
+    db = _param_grad(bias, bias_grad, x)
+    partials = weight_grad or bias_grad
+    if n == 0:
+        return dx, dw, db
+    if m == 0:
+        return dx, dw.zero_(), db.zero_()
+    block, single, warps = _config(n)
+    progs = _programs(m, x.device)
+    alloc = torch.empty if single else torch.zeros
+    part = alloc((2, progs if partials else 1, n), dtype=torch.float32, device=x.device)
+    w = x if weight is None else weight.contiguous()
+    wrap_triton(_ln_bwd)[(progs,)](
+        dy, x, w, mean.contiguous(), rstd.contiguous(), dx, part[0], part[1], m, n,
+        triton.cdiv(m, progs),
+        HAS_W=weight is not None, PARTIALS=partials, BLOCK_N=block, SINGLE=single,
+        num_warps=warps)
+    for out, p, wanted in ((dw, part[0], weight_grad), (db, part[1], bias_grad)):
+        if wanted:
+            wrap_triton(_col_sum)[(triton.cdiv(n, 64),)](
+                p, out, progs, n, BLOCK_R=32, BLOCK_C=64, num_warps=4)
+    return dx, dw, db

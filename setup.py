@@ -1,0 +1,94 @@
+"""Build fastlm._C: the C++ CPU kernels always, the CUDA kernels whenever a CUDA toolkit and a
+CUDA build of torch are present (a GPU is not needed).
+
+Environment:
+  FASTLM_CUDA_ARCHS     target GPUs, e.g. "8.0;9.0a" or "sm_80,sm_90" (else TORCH_CUDA_ARCH_LIST,
+                        else the visible GPU, else 8.0 and 9.0)
+  FASTLM_SKIP_CUDA=1    build the C++ CPU kernels only
+  FASTLM_REQUIRE_CUDA=1 fail (instead of warning loudly) when the CUDA kernels cannot be built
+  CUDA_HOME             the toolkit root (else nvcc on PATH with wrapper scripts resolved,
+                        else /usr/local/cuda)
+  MAX_JOBS              parallel compile jobs (default: what cores and RAM allow)
+"""
+
+import os
+import sys
+
+from setuptools import setup
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastlm"))
+import _buildcfg  # noqa: E402  (fastlm/_buildcfg.py: shared with `fastlm compile`, no torch import)
+
+sys.path.pop(0)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = ["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.bench", "fastlm.kernels"]
+PACKAGE_DIR = {"fastlm.kernels": "kernels"}
+
+
+def _loud(msg):
+    bar = "!" * 78
+    print(f"\n{bar}\n{msg}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def extensions():
+    skip_cuda = os.environ.get("FASTLM_SKIP_CUDA", "0") not in ("", "0")
+    cuda_home = None if skip_cuda else _buildcfg.find_cuda_home()
+    if cuda_home:
+        # torch.utils.cpp_extension reads CUDA_HOME at import: it must be right before that.
+        os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("MAX_JOBS", str(_buildcfg.default_max_jobs()))
+
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    reason = None
+    if skip_cuda:
+        reason = "FASTLM_SKIP_CUDA is set"
+    elif cuda_home is None:
+        reason = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    elif torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is not a CUDA build"
+    with_cuda = reason is None
+    if not with_cuda and not skip_cuda:
+        msg = f"fastlm: building WITHOUT the CUDA kernels: {reason}."
+        if os.environ.get("FASTLM_REQUIRE_CUDA", "0") not in ("", "0"):
+            raise RuntimeError(msg + " FASTLM_REQUIRE_CUDA is set, so this is an error.")
+        _loud(msg + "\nOnly the cpu, triton and torch backends will exist.")
+
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden"]
+    sources = ["csrc/module.cpp", "csrc/fastlm.cpp", "csrc/cpu/layer_norm.cpp"]
+    kwargs = dict(extra_link_args=["-fopenmp"])
+    archs = []
+    if with_cuda:
+        archs = _buildcfg.resolve_archs(os.environ)
+        print(f"fastlm: CUDA toolkit {cuda_home}; building CUDA kernels for {','.join(archs)}",
+              file=sys.stderr)
+        sources += ["csrc/cuda/layer_norm.cu"]
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
+                "--expt-relaxed-constexpr", *_buildcfg.gencode_flags(archs)]
+        if os.environ.get("FASTLM_PTXAS_VERBOSE"):
+            nvcc += ["-Xptxas", "-v"]
+        cxx.append("-DFASTLM_WITH_CUDA")
+        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
+        ext_cls = CUDAExtension
+    else:
+        kwargs["extra_compile_args"] = {"cxx": cxx}
+        ext_cls = CppExtension
+    # Read back by `fastlm info` (fastlm._C.cuda_archs); `cuobjdump --list-elf` confirms it.
+    # (C++ flags only: nvcc would split a comma-separated -D value into several defines.)
+    cxx += [f"-DFASTLM_CUDA_ARCHS={','.join(archs)}",
+            f"-DFASTLM_TORCH_VERSION={torch.__version__.split('+')[0]}"]
+    ext = ext_cls("fastlm._C", sources, **kwargs)
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
