@@ -76,7 +76,7 @@ def _ln_fwd(
     tl.store(Rstd + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_prog"])  # one binary for every batch size
 def _ln_bwd(
     DY,  # grad of the output, (M, N) contiguous
     X,  # input, (M, N) contiguous
@@ -165,7 +165,7 @@ def _ln_bwd(
                     tl.store(pb, tl.load(pb, mask=mask, other=0.0) + dy, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _col_sum(
     P,  # (R, N) float32 partials
     Out,  # (N,) the parameter's dtype
@@ -203,6 +203,23 @@ def _programs(m, device):
     return max(1, min(m, 8))
 
 
+def _fwd_launch(x, w, b, y, mean, rstd, n, eps, has_w, has_b):
+    """Arguments and meta-parameters of one _ln_fwd launch (also used by `aot_specs`)."""
+    block, single, warps = _config(n)
+    meta = dict(HAS_W=has_w, HAS_B=has_b, BLOCK_N=block, SINGLE=single, num_warps=warps)
+    return (x, w, b, y, mean, rstd, n, eps), meta
+
+
+def _bwd_launch(dy, x, w, mean, rstd, dx, pw, pb, m, n, rows_per_prog, has_w, partials):
+    """Arguments and meta-parameters of one _ln_bwd launch (also used by `aot_specs`)."""
+    block, single, warps = _config(n)
+    meta = dict(HAS_W=has_w, PARTIALS=partials, BLOCK_N=block, SINGLE=single, num_warps=warps)
+    return (dy, x, w, mean, rstd, dx, pw, pb, m, n, rows_per_prog), meta
+
+
+_COL_META = dict(BLOCK_R=32, BLOCK_C=64, num_warps=4)
+
+
 def forward(x, weight, bias, eps):
     """(y, mean, rstd) for a 2-D x; weight and bias are (N,) or None."""
     x = x.contiguous()
@@ -214,11 +231,8 @@ def forward(x, weight, bias, eps):
         return y, mean.fill_(float("nan")), rstd.fill_(float("nan"))
     w = x if weight is None else weight.contiguous()
     b = x if bias is None else bias.contiguous()
-    block, single, warps = _config(n)
-    wrap_triton(_ln_fwd)[(m,)](
-        x, w, b, y, mean, rstd, n, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_N=block, SINGLE=single,
-        num_warps=warps)
+    args, meta = _fwd_launch(x, w, b, y, mean, rstd, n, eps, weight is not None, bias is not None)
+    wrap_triton(_ln_fwd)[(m,)](*args, **meta)
     return y, mean, rstd
 
 
@@ -241,18 +255,33 @@ def backward(dy, x, mean, rstd, weight, bias, weight_grad, bias_grad):
         return dx, dw, db
     if m == 0:
         return dx, dw.zero_(), db.zero_()
-    block, single, warps = _config(n)
     progs = _programs(m, x.device)
+    single = _config(n)[1]
     alloc = torch.empty if single else torch.zeros
     part = alloc((2, progs if partials else 1, n), dtype=torch.float32, device=x.device)
     w = x if weight is None else weight.contiguous()
-    wrap_triton(_ln_bwd)[(progs,)](
-        dy, x, w, mean.contiguous(), rstd.contiguous(), dx, part[0], part[1], m, n,
-        triton.cdiv(m, progs),
-        HAS_W=weight is not None, PARTIALS=partials, BLOCK_N=block, SINGLE=single,
-        num_warps=warps)
+    args, meta = _bwd_launch(dy, x, w, mean.contiguous(), rstd.contiguous(), dx, part[0], part[1],
+                             m, n, triton.cdiv(m, progs), weight is not None, partials)
+    wrap_triton(_ln_bwd)[(progs,)](*args, **meta)
     for out, p, wanted in ((dw, part[0], weight_grad), (db, part[1], bias_grad)):
         if wanted:
-            wrap_triton(_col_sum)[(triton.cdiv(n, 64),)](
-                p, out, progs, n, BLOCK_R=32, BLOCK_C=64, num_warps=4)
+            wrap_triton(_col_sum)[(triton.cdiv(n, _COL_META["BLOCK_C"]),)](
+                p, out, progs, n, **_COL_META)
     return dx, dw, db
+
+
+def aot_specs(dtypes, sizes):
+    """(kernel, args, meta) for ahead-of-time compilation by `fastlm compile`: the launches
+    forward/backward make for inputs of each dtype (weight and bias of the same dtype) and each
+    row length in `sizes`. Tensors are given as dtypes; the JIT specializes each pointer on
+    16-byte alignment and N on divisibility by 16, as it does for real tensors."""
+    f32 = torch.float32
+    specs = []
+    for dt in dtypes:
+        for n in sizes:
+            args, meta = _fwd_launch(dt, dt, dt, dt, f32, f32, n, 1e-5, True, True)
+            specs.append((_ln_fwd, args, meta))
+            args, meta = _bwd_launch(dt, dt, dt, f32, f32, dt, f32, f32, 4096, n, 7, True, True)
+            specs.append((_ln_bwd, args, meta))
+        specs.append((_col_sum, (f32, dt, 33, 1024), dict(_COL_META)))
+    return specs

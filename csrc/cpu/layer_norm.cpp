@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../layer_norm.h"
@@ -44,27 +45,27 @@ inline T from_f(float v) {
   return static_cast<T>(v);  // round to nearest even, NaN kept (c10 conversions)
 }
 
-// Parameter read: W is the input type or float; a null pointer means 1 (weight) or 0 (bias).
-template <typename W>
-inline float param(const W* p, int64_t j, float dflt) {
-  return p ? to_f(p[j]) : dflt;
-}
-
 template <typename T, typename W>
 inline void fwd_row(const T* __restrict x, const W* __restrict w, const W* __restrict b,
                     T* __restrict y, float* mean, float* rstd, int64_t N, float eps,
                     float* __restrict buf) {
+  // float32 rows are read in place; 16-bit rows are widened once into buf.
+  const float* xf;
+  if constexpr (std::is_same_v<T, float>) {
+    xf = x;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) buf[j] = to_f(x[j]);
+    xf = buf;
+  }
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < N; ++j) {
-    buf[j] = to_f(x[j]);
-    s += buf[j];
-  }
+  for (int64_t j = 0; j < N; ++j) s += xf[j];
   const float mu = s / float(N);
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
   for (int64_t j = 0; j < N; ++j) {
-    const float d = buf[j] - mu;
+    const float d = xf[j] - mu;
     ss += d * d;
   }
   const float rs = 1.f / std::sqrt(ss / float(N) + eps);
@@ -72,16 +73,16 @@ inline void fwd_row(const T* __restrict x, const W* __restrict w, const W* __res
   *rstd = rs;
   if (w && b) {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((buf[j] - mu) * rs * to_f(w[j]) + to_f(b[j]));
+    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((xf[j] - mu) * rs * to_f(w[j]) + to_f(b[j]));
   } else if (w) {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((buf[j] - mu) * rs * to_f(w[j]));
+    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((xf[j] - mu) * rs * to_f(w[j]));
   } else if (b) {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((buf[j] - mu) * rs + to_f(b[j]));
+    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((xf[j] - mu) * rs + to_f(b[j]));
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((buf[j] - mu) * rs);
+    for (int64_t j = 0; j < N; ++j) y[j] = from_f<T>((xf[j] - mu) * rs);
   }
 }
 
@@ -93,36 +94,51 @@ inline void fwd_rows(const T* x, const W* w, const W* b, T* y, float* mean, floa
     fwd_row(x + r * N, w, b, y + r * N, mean + r, rstd + r, N, eps, buf.data());
 }
 
-template <typename T, typename W>
+template <bool PARTIALS, bool HAS_W, typename T, typename W>
 inline void bwd_row(const T* __restrict dy, const T* __restrict x, float mu, float rs,
                     const W* __restrict w, T* __restrict dx, float* __restrict dw,
-                    float* __restrict db, int64_t N, float* __restrict xh,
-                    float* __restrict g) {
+                    float* __restrict db, int64_t N) {
+  // Pass 1: the two row sums. Pass 2 re-reads x and dy (from L1/L2) instead of storing
+  // xhat and g, which measured faster than keeping them in a row buffer.
   float a = 0.f, c = 0.f;
 #pragma omp simd reduction(+ : a, c)
   for (int64_t j = 0; j < N; ++j) {
-    const float dyj = to_f(dy[j]);
-    xh[j] = (to_f(x[j]) - mu) * rs;
-    g[j] = dyj * param(w, j, 1.f);
-    a += g[j] * xh[j];
-    c += g[j];
-    if (dw) dw[j] += dyj * xh[j];
-    if (db) db[j] += dyj;
+    const float g = HAS_W ? to_f(dy[j]) * to_f(w[j]) : to_f(dy[j]);
+    a += g * ((to_f(x[j]) - mu) * rs);
+    c += g;
   }
   const float inv_n = 1.f / float(N);
   a *= inv_n;
   c *= inv_n;
 #pragma omp simd
-  for (int64_t j = 0; j < N; ++j) dx[j] = from_f<T>(rs * (g[j] - c - xh[j] * a));
+  for (int64_t j = 0; j < N; ++j) {
+    const float dyj = to_f(dy[j]);
+    const float xh = (to_f(x[j]) - mu) * rs;
+    const float g = HAS_W ? dyj * to_f(w[j]) : dyj;
+    dx[j] = from_f<T>(rs * (g - c - xh * a));
+    if constexpr (PARTIALS) {
+      dw[j] += dyj * xh;
+      db[j] += dyj;
+    }
+  }
 }
 
+// dw and db point at this chunk's partial rows (both or neither).
 template <typename T, typename W>
 inline void bwd_rows(const T* dy, const T* x, const float* mean, const float* rstd, const W* w,
                      T* dx, float* dw, float* db, int64_t r0, int64_t r1, int64_t N) {
-  std::vector<float> tmp(2 * N);
-  for (int64_t r = r0; r < r1; ++r)
-    bwd_row(dy + r * N, x + r * N, mean[r], rstd[r], w, dx + r * N, dw, db, N, tmp.data(),
-            tmp.data() + N);
+  // Loop-invariant choices as template arguments, so each row loop has no branch inside.
+  auto rows = [&](auto partials, auto has_w) {
+    for (int64_t r = r0; r < r1; ++r)
+      bwd_row<decltype(partials)::value, decltype(has_w)::value>(
+          dy + r * N, x + r * N, mean[r], rstd[r], w, dx + r * N, dw, db, N);
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (dw && w) rows(yes{}, yes{});
+  else if (dw) rows(yes{}, no{});
+  else if (w) rows(no{}, yes{});
+  else rows(no{}, no{});
 }
 
 // One non-template driver per (input, parameter) dtype pair, cloned per ISA.
@@ -225,8 +241,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   at::Tensor part;
   if (partials) part = at::empty({2, chunks, N}, x.options().dtype(at::kFloat)).zero_();
   if (M > 0 && N > 0) {
-    float* pw = partials && weight_grad ? part.mutable_data_ptr<float>() : nullptr;
-    float* pb = partials && bias_grad ? part.mutable_data_ptr<float>() + chunks * N : nullptr;
+    // Both partial rows are accumulated whenever either gradient is wanted.
+    float* pw = partials ? part.mutable_data_ptr<float>() : nullptr;
+    float* pb = partials ? part.mutable_data_ptr<float>() + chunks * N : nullptr;
 #define CALL(T, W, tag)                                                                       \
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {                                \
     for (int64_t c = c0; c < c1; ++c) {                                                       \

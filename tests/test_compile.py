@@ -1,0 +1,95 @@
+"""`fastlm compile`: builds the extension and the Triton kernels for sm_80 and sm_90 here,
+where there is no GPU, and a second run finds the Triton kernels in the cache."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fastlm import _buildcfg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "fastlm.compile", *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _cuobjdump():
+    home = _buildcfg.find_cuda_home()
+    tool = os.path.join(home, "bin", "cuobjdump") if home else shutil.which("cuobjdump")
+    return tool if tool and os.path.exists(tool) else None
+
+
+def _triton_cubin_archs(cache):
+    archs = []
+    for meta in glob.glob(os.path.join(cache, "*", "*.json")):
+        with open(meta) as f:
+            data = json.load(f)
+        if "target" in data:
+            archs.append(data["target"]["arch"])
+    return sorted(archs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_buildcfg.find_cuda_home() is None, reason="no CUDA toolkit here")
+def test_compile_sm80_sm90_without_gpu(tmp_path):
+    out = tmp_path / "kernels"
+    r = _run(["--arch", "sm_80,sm_90", "--out", str(out), "--dtypes", "bfloat16",
+              "--sizes", "1024,32768"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FASTLM_EXT_DIR" in r.stdout
+
+    so = glob.glob(str(out / "ext" / "fastlm" / "_C*.so"))
+    assert len(so) == 1
+    tool = _cuobjdump()
+    if tool:
+        elf = subprocess.run([tool, "--list-elf", so[0]], capture_output=True, text=True).stdout
+        assert ".sm_80." in elf and ".sm_90." in elf, elf
+
+    # Triton: forward, backward per size and one column sum, for each arch.
+    cache = str(out / "triton")
+    archs = _triton_cubin_archs(cache)
+    assert archs.count(80) == 5 and archs.count(90) == 5, archs
+    assert len(glob.glob(os.path.join(cache, "*", "*.cubin"))) == 10
+
+    # The extension loads from there (FASTLM_EXT_DIR) and reports its archs.
+    env = dict(os.environ, FASTLM_EXT_DIR=str(out / "ext"))
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fastlm; print(fastlm._ext.C.__file__); "
+         "print(fastlm._ext.cuda_archs())"], capture_output=True, text=True, env=env)
+    assert probe.returncode == 0, probe.stderr
+    assert str(out / "ext") in probe.stdout and "'sm_80', 'sm_90'" in probe.stdout
+
+    # A second run (a fresh process, as a later run on the GPU is) compiles nothing new.
+    before = sorted(os.listdir(cache))
+    r2 = _run(["--arch", "sm_80,sm_90", "--out", str(out), "--dtypes", "bfloat16",
+               "--sizes", "1024,32768", "--no-extension"])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert sorted(os.listdir(cache)) == before
+
+
+def test_compile_unknown_arch():
+    r = _run(["--arch", "sm_42", "--no-extension", "--no-triton"])
+    assert r.returncode == 2
+    assert "unknown CUDA arch 'sm_42'" in r.stderr and "sm_90" in r.stderr
+
+
+def test_compile_without_toolkit(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env["CUDA_HOME"] = str(tmp_path / "no-such-toolkit")
+    r = _run(["--arch", "sm_90", "--no-triton"], env=env)
+    assert r.returncode == 2
+    assert "no CUDA toolkit found" in r.stderr
+
+
+def test_compile_bad_dtype_and_sizes():
+    r = _run(["--arch", "sm_90", "--no-extension", "--dtypes", "int8"])
+    assert r.returncode == 2 and "unknown dtype" in r.stderr
+    r = _run(["--arch", "sm_90", "--no-extension", "--sizes", "abc"])
+    assert r.returncode == 2 and "--sizes" in r.stderr
