@@ -57,7 +57,17 @@ __device__ __forceinline__ void load_param(const void* p, bool f32, int64_t j, f
 #pragma unroll
     for (int k = 0; k < VEC; ++k) out[k] = dflt;
   } else if (f32) {
-    load_f<float, VEC>(static_cast<const float*>(p) + j, out);
+    // float32 parameters with a 16-bit input: VEC floats may be 32 bytes, but only 16-byte
+    // alignment is checked, so load them in 16-byte (or smaller) pieces.
+    constexpr int PIECE = VEC < 4 ? VEC : 4;
+    const float* q = static_cast<const float*>(p) + j;
+#pragma unroll
+    for (int k = 0; k < VEC; k += PIECE) {
+      float piece[PIECE];
+      load_f<float, PIECE>(q + k, piece);
+#pragma unroll
+      for (int t = 0; t < PIECE; ++t) out[k + t] = piece[t];
+    }
   } else {
     load_f<T, VEC>(static_cast<const T*>(p) + j, out);
   }

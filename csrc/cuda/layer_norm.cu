@@ -16,6 +16,11 @@
 // Reduce kernel: out[j] = sum over partial rows r of part[r, j], in r order (bit-reproducible).
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -26,10 +31,15 @@ namespace fastlm {
 namespace cuda {
 namespace {
 
+// Thread caps of the register kernels, enforced with __launch_bounds__ so ptxas keeps the
+// registers within what a block of that size may use (the planner never exceeds them).
+constexpr int kFwdRegMaxThreads = 512;
+constexpr int bwd_reg_max_threads(int items) { return items >= 4 ? 256 : 512; }
+
 // ------------------------------------------------------------------------------------------
 // Forward, whole row in registers.
 template <typename T, int VEC, int ITEMS>
-__global__ void ln_fwd_reg(const T* __restrict x, const void* __restrict w,
+__global__ void __launch_bounds__(kFwdRegMaxThreads) ln_fwd_reg(const T* __restrict x, const void* __restrict w,
                            const void* __restrict b, bool param_f32, T* __restrict y,
                            float* __restrict mean, float* __restrict rstd, int64_t M, int N,
                            float eps) {
@@ -133,7 +143,7 @@ __global__ void ln_fwd_loop(const T* __restrict x, const void* __restrict w,
 // Backward, whole row in registers; grid-stride over groups of blockDim.y rows.
 // part: [gridDim.x * blockDim.y, N] float32 partial dw, then the same for db (or null).
 template <typename T, int VEC, int ITEMS>
-__global__ void ln_bwd_reg(const T* __restrict dy, const T* __restrict x,
+__global__ void __launch_bounds__(bwd_reg_max_threads(ITEMS)) ln_bwd_reg(const T* __restrict dy, const T* __restrict x,
                            const float* __restrict mean, const float* __restrict rstd,
                            const void* __restrict w, bool param_f32, T* __restrict dx,
                            float* __restrict part_w, float* __restrict part_b, int64_t M,
@@ -259,21 +269,32 @@ __global__ void ln_bwd_loop(const T* __restrict dy, const T* __restrict x,
   }
 }
 
-// out[j] = sum_r part[r, j] in r order. Block (32, 8): each ty sums a strided subset of rows,
-// then ty == 0 adds the 8 subtotals in order. out_kind: 0 float32, 1 float16, 2 bfloat16.
-__global__ void column_sum(const float* __restrict part, int64_t R, int N, void* __restrict out,
-                           int out_kind) {
-  __shared__ float s[8][33];
+// out[j] = sum_r part[r, j] in a fixed order (bit-reproducible). blockIdx.y picks the partial
+// set (0: dweight into out0, 1: dbias into out1; a null out skips it). Block (32, 16): thread
+// (tx, ty) keeps 4 independent running sums over rows ty + 16k (k mod 4), then the block adds
+// the 64 subtotals of a column in a fixed order. out_kind: 0 float32, 1 float16, 2 bfloat16.
+__global__ void column_sum(const float* __restrict part, int64_t R, int N, void* __restrict out0,
+                           void* __restrict out1, int out_kind) {
+  __shared__ float s[16][33];
+  void* out = blockIdx.y == 0 ? out0 : out1;
+  if (out == nullptr) return;  // uniform across the block
+  const float* p = part + int64_t(blockIdx.y) * R * N;
   const int j = blockIdx.x * 32 + threadIdx.x;
-  float acc = 0.f;
-  if (j < N)
-    for (int64_t r = threadIdx.y; r < R; r += 8) acc += part[r * N + j];
-  s[threadIdx.y][threadIdx.x] = acc;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (j < N) {
+    int64_t r = threadIdx.y;
+    for (; r + 48 < R; r += 64) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[k] += p[(r + 16 * k) * N + j];
+    }
+    for (int k = 0; r < R; r += 16, ++k) acc[k & 3] += p[r * N + j];
+  }
+  s[threadIdx.y][threadIdx.x] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   __syncthreads();
   if (threadIdx.y != 0 || j >= N) return;
   float t = 0.f;
 #pragma unroll
-  for (int q = 0; q < 8; ++q) t += s[q][threadIdx.x];
+  for (int q = 0; q < 16; ++q) t += s[q][threadIdx.x];
   if (out_kind == 0) static_cast<float*>(out)[j] = t;
   else if (out_kind == 1) static_cast<__half*>(out)[j] = __float2half_rn(t);
   else static_cast<__nv_bfloat16*>(out)[j] = __float2bfloat16_rn(t);
@@ -287,21 +308,26 @@ struct Plan {
   int tx, ty; // threads per row, rows per block
 };
 
-// max_items: the largest register-kernel ITEMS (8 forward, 4 backward: dw/db also live there).
-Plan plan_rows(int64_t N, int elem_size, bool aligned, int max_items) {
+// A register plan: the smallest ITEMS whose row fits in at most 256 threads, else the
+// smallest that fits under the kernel's thread cap (cap(items)), else the loop kernel.
+template <typename Cap>
+Plan plan_rows(int64_t N, int elem_size, bool aligned, int max_items, Cap cap) {
   const int full = 16 / elem_size;
   Plan p{(aligned && N % full == 0) ? full : 1, 0, 0, 1};
   if (p.vec == full) {
     const int64_t nv = N / p.vec;
-    for (int items = 1; items <= max_items; items *= 2) {
-      const int64_t tx = ((nv + items - 1) / items + 31) / 32 * 32;
-      if (tx <= (items == max_items ? 1024 : 256)) {
-        p.items = items;
-        p.tx = int(tx);
-        p.ty = std::max(1, 256 / p.tx);
-        return p;
+    for (int pass = 0; pass < 2 && p.items == 0; ++pass) {
+      for (int items = 1; items <= max_items; items *= 2) {
+        const int64_t tx = ((nv + items - 1) / items + 31) / 32 * 32;
+        if (tx <= (pass == 0 ? std::min(256, cap(items)) : cap(items))) {
+          p.items = items;
+          p.tx = int(tx);
+          p.ty = std::max(1, std::min(256, cap(items)) / p.tx);
+          break;
+        }
       }
     }
+    if (p.items > 0) return p;
   }
   p.tx = int(std::min<int64_t>(1024, std::max<int64_t>(32, (N / p.vec + 31) / 32 * 32)));
   return p;  // loop kernel, one row per block
@@ -367,7 +393,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
   const bool aligned = aligned16(x.const_data_ptr()) && aligned16(y.const_data_ptr()) &&
                        (!w || aligned16(w->const_data_ptr())) &&
                        (!b || aligned16(b->const_data_ptr()));
-  const Plan p = plan_rows(N, x.element_size(), aligned, 8);
+  const Plan p = plan_rows(N, x.element_size(), aligned, 8, [](int) { return kFwdRegMaxThreads; });
+  const int64_t groups = (M + p.ty - 1) / p.ty;
+  TORCH_CHECK(groups <= std::numeric_limits<int32_t>::max(), "fastlm.layer_norm: input has ", M,
+              " rows; at most ", std::numeric_limits<int32_t>::max(), " row blocks per call");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 block(p.tx, p.ty);
   const size_t smem = reduce_smem(p);
@@ -378,8 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
     T* yp = static_cast<T*>(y.mutable_data_ptr());
     if (p.items > 0) {
       dispatch_items(p.items, [&](auto items) {
-        const unsigned grid = unsigned((M + p.ty - 1) / p.ty);
-        ln_fwd_reg<T, FULL, decltype(items)::value><<<grid, block, smem, stream>>>(
+        ln_fwd_reg<T, FULL, decltype(items)::value><<<unsigned(groups), block, smem, stream>>>(
             xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
             rstd.mutable_data_ptr<float>(), M, int(N), float(eps));
       });
@@ -397,12 +425,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
   return {y, mean, rstd};
 }
 
-void launch_column_sum(const float* part, int64_t R, int64_t N, at::Tensor& out,
+// dw (dbias) from the partial sets part[0] (part[1]); an undefined/empty output is skipped.
+void launch_column_sum(const float* part, int64_t R, int64_t N, at::Tensor& dw, at::Tensor& db,
                        cudaStream_t stream) {
-  const int kind = out.scalar_type() == at::kFloat ? 0 : (out.scalar_type() == at::kHalf ? 1 : 2);
-  column_sum<<<unsigned((N + 31) / 32), dim3(32, 8), 0, stream>>>(
-      part, R, int(N), out.mutable_data_ptr(), kind);
+  const at::Tensor& ref = dw.numel() ? dw : db;
+  const int kind = ref.scalar_type() == at::kFloat ? 0 : (ref.scalar_type() == at::kHalf ? 1 : 2);
+  column_sum<<<dim3(unsigned((N + 31) / 32), 2), dim3(32, 16), 0, stream>>>(
+      part, R, int(N), dw.numel() ? dw.mutable_data_ptr() : nullptr,
+      db.numel() ? db.mutable_data_ptr() : nullptr, kind);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Resident blocks per SM of `kernel` at this block size (registers, shared memory and threads
+// all counted); cached, as it only depends on the kernel, the block and the device.
+template <typename K>
+int blocks_per_sm(K kernel, int threads, size_t smem, int device) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, smem, device);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  TORCH_CHECK(n > 0, "fastlm.layer_norm: a backward kernel cannot run with ", threads,
+              " threads per block on this GPU");
+  cache.emplace(key, n);
+  return n;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
@@ -428,51 +477,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   }
   const bool aligned = aligned16(x.const_data_ptr()) && aligned16(dy.const_data_ptr()) &&
                        aligned16(dx.const_data_ptr()) && (!w || aligned16(w->const_data_ptr()));
-  const Plan p = plan_rows(N, x.element_size(), aligned, 4);
+  const Plan p = plan_rows(N, x.element_size(), aligned, 4, bwd_reg_max_threads);
+  TORCH_CHECK(p.items <= 4, "fastlm.layer_norm: internal error: backward plan ITEMS ", p.items);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int sms = sm_count(x.get_device());
+  const int device = x.get_device();
   const dim3 block(p.tx, p.ty);
   const size_t smem = reduce_smem(p);
-  // Persistent grid: as many blocks as fit on the device at once (a device constant, so the
-  // partial-row layout and hence the bits of dw/db are the same on every call).
   const int64_t groups = (M + p.ty - 1) / p.ty;
-  const int64_t per_sm = std::max(1, 2048 / (p.tx * p.ty));
-  const int64_t grid = std::min<int64_t>(groups, sms * per_sm);
-  const int64_t prows = grid * p.ty;
-  at::Tensor part;
-  float* pw = nullptr;
-  float* pb = nullptr;
-  if (partials) {
-    part = at::empty({2, prows, N}, x.options().dtype(at::kFloat));
-    pw = part.mutable_data_ptr<float>();
-    pb = pw + prows * N;
-  }
   dispatch_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     constexpr int FULL = 16 / sizeof(T);
     const T* dyp = static_cast<const T*>(dy.const_data_ptr());
     const T* xp = static_cast<const T*>(x.const_data_ptr());
     T* dxp = static_cast<T*>(dx.mutable_data_ptr());
-    if (p.items > 0) {
-      dispatch_items(std::min(p.items, 4), [&](auto items) {
-        constexpr int I = decltype(items)::value > 4 ? 4 : decltype(items)::value;
-        ln_bwd_reg<T, FULL, I><<<unsigned(grid), block, smem, stream>>>(
-            dyp, xp, mu.const_data_ptr<float>(), rs.const_data_ptr<float>(), opt_ptr(w), pf32,
-            dxp, pw, pb, M, int(N));
-      });
-    } else if (p.vec == FULL) {
-      ln_bwd_loop<T, FULL><<<unsigned(grid), block, smem, stream>>>(
-          dyp, xp, mu.const_data_ptr<float>(), rs.const_data_ptr<float>(), opt_ptr(w), pf32,
-          dxp, pw, pb, M, int(N));
-    } else {
-      ln_bwd_loop<T, 1><<<unsigned(grid), block, smem, stream>>>(
-          dyp, xp, mu.const_data_ptr<float>(), rs.const_data_ptr<float>(), opt_ptr(w), pf32,
-          dxp, pw, pb, M, int(N));
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto run = [&](auto kernel) {
+      // Persistent grid: as many blocks as are resident at once. That is a constant of the
+      // device and build, so the partial-row layout, and hence the bits of dw/db, repeat.
+      const int64_t per_sm = blocks_per_sm(kernel, p.tx * p.ty, smem, device);
+      const int64_t grid = std::min<int64_t>(groups, sm_count(device) * per_sm);
+      const int64_t prows = grid * p.ty;
+      at::Tensor part;
+      float* pw = nullptr;
+      if (partials) {
+        part = at::empty({2, prows, N}, x.options().dtype(at::kFloat));
+        pw = part.mutable_data_ptr<float>();
+      }
+      kernel<<<unsigned(grid), block, smem, stream>>>(
+          dyp, xp, mu.const_data_ptr<float>(), rs.const_data_ptr<float>(), opt_ptr(w), pf32, dxp,
+          pw, pw ? pw + prows * N : nullptr, M, int(N));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (partials) launch_column_sum(pw, prows, N, dw, db, stream);
+    };
+    if (p.items == 1) run(ln_bwd_reg<T, FULL, 1>);
+    else if (p.items == 2) run(ln_bwd_reg<T, FULL, 2>);
+    else if (p.items == 4) run(ln_bwd_reg<T, FULL, 4>);
+    else if (p.vec == FULL) run(ln_bwd_loop<T, FULL>);
+    else run(ln_bwd_loop<T, 1>);
   });
-  if (weight_grad) launch_column_sum(pw, prows, N, dw, stream);
-  if (bias_grad) launch_column_sum(pb, prows, N, db, stream);
   return {dx, dw, db};
 }
 
