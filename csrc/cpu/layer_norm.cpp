@@ -27,26 +27,28 @@
 #else
 #define FASTLM_CLONES
 #endif
+// The row code must be inlined into each clone to be compiled for that clone's ISA.
+#define FASTLM_INLINE inline __attribute__((always_inline))
 
 namespace fastlm {
 namespace {
 
-inline float to_f(float v) { return v; }
-inline float to_f(c10::BFloat16 v) {
+FASTLM_INLINE float to_f(float v) { return v; }
+FASTLM_INLINE float to_f(c10::BFloat16 v) {
   uint32_t bits = uint32_t(v.x) << 16;
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
 }
-inline float to_f(c10::Half v) { return static_cast<float>(v); }
+FASTLM_INLINE float to_f(c10::Half v) { return static_cast<float>(v); }
 
 template <typename T>
-inline T from_f(float v) {
+FASTLM_INLINE T from_f(float v) {
   return static_cast<T>(v);  // round to nearest even, NaN kept (c10 conversions)
 }
 
 template <typename T, typename W>
-inline void fwd_row(const T* __restrict x, const W* __restrict w, const W* __restrict b,
+FASTLM_INLINE void fwd_row(const T* __restrict x, const W* __restrict w, const W* __restrict b,
                     T* __restrict y, float* mean, float* rstd, int64_t N, float eps,
                     float* __restrict buf) {
   // float32 rows are read in place; 16-bit rows are widened once into buf.
@@ -87,7 +89,7 @@ inline void fwd_row(const T* __restrict x, const W* __restrict w, const W* __res
 }
 
 template <typename T, typename W>
-inline void fwd_rows(const T* x, const W* w, const W* b, T* y, float* mean, float* rstd,
+FASTLM_INLINE void fwd_rows(const T* x, const W* w, const W* b, T* y, float* mean, float* rstd,
                      int64_t r0, int64_t r1, int64_t N, float eps) {
   std::vector<float> buf(N);
   for (int64_t r = r0; r < r1; ++r)
@@ -95,7 +97,7 @@ inline void fwd_rows(const T* x, const W* w, const W* b, T* y, float* mean, floa
 }
 
 template <bool PARTIALS, bool HAS_W, typename T, typename W>
-inline void bwd_row(const T* __restrict dy, const T* __restrict x, float mu, float rs,
+FASTLM_INLINE void bwd_row(const T* __restrict dy, const T* __restrict x, float mu, float rs,
                     const W* __restrict w, T* __restrict dx, float* __restrict dw,
                     float* __restrict db, int64_t N) {
   // Pass 1: the two row sums. Pass 2 re-reads x and dy (from L1/L2) instead of storing
@@ -123,22 +125,24 @@ inline void bwd_row(const T* __restrict dy, const T* __restrict x, float mu, flo
   }
 }
 
-// dw and db point at this chunk's partial rows (both or neither).
+template <bool PARTIALS, bool HAS_W, typename T, typename W>
+FASTLM_INLINE void bwd_rows_as(const T* dy, const T* x, const float* mean, const float* rstd,
+                               const W* w, T* dx, float* dw, float* db, int64_t r0, int64_t r1,
+                               int64_t N) {
+  for (int64_t r = r0; r < r1; ++r)
+    bwd_row<PARTIALS, HAS_W>(dy + r * N, x + r * N, mean[r], rstd[r], w, dx + r * N, dw, db, N);
+}
+
+// dw and db point at this chunk's partial rows (both or neither). The loop-invariant choices
+// become template arguments, so each row loop has no branch inside.
 template <typename T, typename W>
-inline void bwd_rows(const T* dy, const T* x, const float* mean, const float* rstd, const W* w,
-                     T* dx, float* dw, float* db, int64_t r0, int64_t r1, int64_t N) {
-  // Loop-invariant choices as template arguments, so each row loop has no branch inside.
-  auto rows = [&](auto partials, auto has_w) {
-    for (int64_t r = r0; r < r1; ++r)
-      bwd_row<decltype(partials)::value, decltype(has_w)::value>(
-          dy + r * N, x + r * N, mean[r], rstd[r], w, dx + r * N, dw, db, N);
-  };
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (dw && w) rows(yes{}, yes{});
-  else if (dw) rows(yes{}, no{});
-  else if (w) rows(no{}, yes{});
-  else rows(no{}, no{});
+FASTLM_INLINE void bwd_rows(const T* dy, const T* x, const float* mean, const float* rstd,
+                            const W* w, T* dx, float* dw, float* db, int64_t r0, int64_t r1,
+                            int64_t N) {
+  if (dw && w) bwd_rows_as<true, true>(dy, x, mean, rstd, w, dx, dw, db, r0, r1, N);
+  else if (dw) bwd_rows_as<true, false>(dy, x, mean, rstd, w, dx, dw, db, r0, r1, N);
+  else if (w) bwd_rows_as<false, true>(dy, x, mean, rstd, w, dx, dw, db, r0, r1, N);
+  else bwd_rows_as<false, false>(dy, x, mean, rstd, w, dx, dw, db, r0, r1, N);
 }
 
 // One non-template driver per (input, parameter) dtype pair, cloned per ISA.
