@@ -12,7 +12,7 @@ fastlm.backends.available() says why.
 
 __version__ = "0.1.0"
 
-from . import _ext, backends  # noqa: E402  (_ext loads fastlm._C and its op registrations)
+from . import _ext, backends  # noqa: E402, F401  (_ext loads fastlm._C: its op registrations)
 from .backends import use_backend  # noqa: E402
 from .ops.layer_norm import layer_norm  # noqa: E402
 from . import nn  # noqa: E402

@@ -53,6 +53,21 @@ def find_cuda_home():
     return "/usr/local/cuda" if _is_toolkit("/usr/local/cuda") else None
 
 
+def find_cuobjdump():
+    """cuobjdump from the toolkit (find_cuda_home), PATH or /usr/local/cuda/bin, else the copy
+    the triton package ships (triton/backends/nvidia/bin), else None."""
+    import importlib.util
+
+    home = find_cuda_home()
+    candidates = [os.path.join(home, "bin", "cuobjdump")] if home else []
+    candidates += [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    spec = importlib.util.find_spec("triton")
+    if spec and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidates.append(os.path.join(loc, "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
 def parse_archs(spec):
     """'8.0;9.0a', '8.0 9.0+PTX', 'sm_80,sm_90a', '90' -> ['sm_80', 'sm_90a'] (order kept,
     duplicates dropped). Raises ValueError naming an unknown arch and the known ones."""

@@ -40,7 +40,8 @@ def _load():
                      "`pip install --no-build-isolation -e .`")
         return
     except OSError as e:
-        ERROR = f"fastlm._C failed to load ({e}); rebuild with `pip install --no-build-isolation -e .`"
+        ERROR = (f"fastlm._C failed to load ({e}); rebuild with "
+                 "`pip install --no-build-isolation -e .`")
         return
     built = getattr(mod, "torch_version", "unknown")
     if built != torch.__version__.split("+")[0]:

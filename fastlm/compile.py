@@ -177,7 +177,8 @@ def main(argv=None):
         cache = os.path.join(out, "triton") if out else None
         compile_triton(archs, cache, dtypes, sizes, log)
     if out:
-        print(f"done. Use it with:\n  export FASTLM_EXT_DIR={out}/ext TRITON_CACHE_DIR={out}/triton")
+        print("done. Use it with:\n"
+              f"  export FASTLM_EXT_DIR={out}/ext TRITON_CACHE_DIR={out}/triton")
     else:
         print("done: fastlm._C rebuilt in place; Triton kernels are in Triton's cache")
     return 0

@@ -4,7 +4,6 @@ where there is no GPU, and a second run finds the Triton kernels in the cache.""
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -18,12 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(args, env=None, timeout=900):
     return subprocess.run([sys.executable, "-m", "fastlm.compile", *args], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def _cuobjdump():
-    home = _buildcfg.find_cuda_home()
-    tool = os.path.join(home, "bin", "cuobjdump") if home else shutil.which("cuobjdump")
-    return tool if tool and os.path.exists(tool) else None
 
 
 def _triton_cubin_archs(cache):
@@ -47,7 +40,7 @@ def test_compile_sm80_sm90_without_gpu(tmp_path):
 
     so = glob.glob(str(out / "ext" / "fastlm" / "_C*.so"))
     assert len(so) == 1
-    tool = _cuobjdump()
+    tool = _buildcfg.find_cuobjdump()
     if tool:
         elf = subprocess.run([tool, "--list-elf", so[0]], capture_output=True, text=True).stdout
         assert ".sm_80." in elf and ".sm_90." in elf, elf

@@ -1,0 +1,78 @@
+"""pytest-benchmark suites built from the fastlm.bench case registry.
+
+    pytest benchmarks/ [--fastlm-device cpu|cuda] [--fastlm-quick]
+
+A benchmark module names its op (``OP = "layer_norm"``) and defines one test taking the
+``bench_point`` and ``benchmark`` fixtures that calls ``bench_point.run(benchmark)``. This file
+parametrizes that test over the op's shapes, directions and implementations for the device;
+implementations that cannot run here are skipped with the reason.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastlm")
+    group.addoption("--fastlm-device", choices=("cpu", "cuda"), default=None,
+                    help="device to benchmark (default: cuda when a GPU is visible, else cpu)")
+    group.addoption("--fastlm-quick", action="store_true", help="the quick shape list only")
+
+
+@dataclass(frozen=True)
+class BenchPoint:
+    """One implementation of one case at one shape and direction."""
+
+    case: object
+    shape: dict
+    direction: str
+    impl: object
+    device: str
+
+    def run(self, benchmark):
+        """Check the implementation against the oracle, then time it with `benchmark`."""
+        from fastlm.bench.runner import max_abs_errors
+
+        inputs = self.case.make_inputs(self.shape, torch.device(self.device))
+        fn = self.impl.prepare(inputs, self.direction)
+        expected = self.case.oracle(inputs, self.direction)
+        errors = max_abs_errors(fn(), expected, self.case.outputs[self.direction])
+        del expected
+        if self.device == "cuda":
+            def step():
+                fn()
+                torch.cuda.synchronize()
+
+            benchmark.pedantic(step, rounds=50, warmup_rounds=5, iterations=1)
+        else:
+            benchmark(fn)
+        benchmark.extra_info.update(shape=self.shape, direction=self.direction,
+                                    max_err=max(errors.values()))
+        if self.case.bytes:
+            nbytes = self.case.bytes(self.shape, self.direction)
+            benchmark.extra_info.update(
+                bytes=nbytes, gbps=nbytes / benchmark.stats.stats.median / 1e9)
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_point" not in metafunc.fixturenames:
+        return
+    from fastlm import bench
+
+    config = metafunc.config
+    device = config.getoption("--fastlm-device") or (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    case = bench.get(metafunc.module.OP)
+    params = []
+    for shape in case.shape_list(device, config.getoption("--fastlm-quick")):
+        for direction in case.directions:
+            for impl in case.impls:
+                ok, why = bench.registry.availability(impl, device)
+                label = bench.shape_label(shape).replace(" ", "-")
+                params.append(pytest.param(
+                    BenchPoint(case, shape, direction, impl, device),
+                    id=f"{direction}-{label}-{impl.name}",
+                    marks=() if ok else pytest.mark.skip(reason=f"{impl.name}: {why}")))
+    metafunc.parametrize("bench_point", params)

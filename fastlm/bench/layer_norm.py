@@ -1,0 +1,115 @@
+"""LayerNorm benchmark: fastlm's kernels (timed through the raw ops), torch, and Liger-Kernel.
+
+Forward and backward are timed separately; a backward runs the backward op alone on the
+statistics saved by an untimed forward. Bytes: forward 2·M·N·size (read x, write y), backward
+3·M·N·size (read x and dy, write dx); weight, bias and the statistics are small.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Case, Impl, register
+
+EPS = 1e-5
+
+
+def make_inputs(shape, device):
+    """x, weight, bias and the upstream gradient dy, seeded, in the shape's dtype."""
+    m, n = shape["M"], shape["N"]
+    dtype = getattr(torch, shape["dtype"])
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size, scale=1.0, shift=0.0):
+        t = torch.randn(*size, generator=g, device=device, dtype=torch.float32)
+        return (t * scale + shift).to(dtype)
+
+    return {"x": randn(m, n), "w": randn(n, scale=0.1, shift=1.0), "b": randn(n, scale=0.1),
+            "dy": randn(m, n), "eps": EPS}
+
+
+def oracle(inputs, direction):
+    """F.layer_norm (and its autograd backward) in float32, or in float64 when the inputs are
+    already float32, so the reference is always more precise than what it checks."""
+    x = inputs["x"]
+    ct = torch.float64 if x.dtype == torch.float32 else torch.float32
+    x, w, b, dy = (inputs[k].to(ct) for k in ("x", "w", "b", "dy"))
+    if direction == "forward":
+        return (F.layer_norm(x, x.shape[-1:], w, b, inputs["eps"]),)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = F.layer_norm(x, x.shape[-1:], w, b, inputs["eps"])
+    return torch.autograd.grad(y, (x, w, b), dy)
+
+
+def _raw_ops(backend):
+    if backend == "triton":
+        from ..ops.layer_norm import triton_ops_ready
+
+        triton_ops_ready()
+        return torch.ops.fastlm.layer_norm_fwd_triton, torch.ops.fastlm.layer_norm_bwd_triton
+    return torch.ops.fastlm.layer_norm_fwd, torch.ops.fastlm.layer_norm_bwd
+
+
+def _fastlm(backend):
+    def prepare(inputs, direction):
+        fwd, bwd = _raw_ops(backend)
+        x, w, b, dy, eps = (inputs[k] for k in ("x", "w", "b", "dy", "eps"))
+        if direction == "forward":
+            return lambda: fwd(x, w, b, eps)[:1]
+        _, mean, rstd = fwd(x, w, b, eps)
+        return lambda: bwd(dy, x, mean, rstd, w, b, True, True)
+
+    return Impl(f"fastlm-{backend}", "fastlm", prepare, backend=backend)
+
+
+def _torch(inputs, direction):
+    x, w, b, dy, eps = (inputs[k] for k in ("x", "w", "b", "dy", "eps"))
+    ns = [x.shape[-1]]
+    if direction == "forward":
+        return lambda: (F.layer_norm(x, ns, w, b, eps),)
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, ns, w, b, eps)
+    mask = [True, True, True]
+    return lambda: torch.ops.aten.native_layer_norm_backward(dy, x, ns, mean, rstd, w, b, mask)
+
+
+def _liger(inputs, direction):
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+    x, w, b, dy, eps = (inputs[k] for k in ("x", "w", "b", "dy", "eps"))
+    if direction == "forward":
+        return lambda: (LigerLayerNormFunction.apply(x, w, b, eps),)
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    y = LigerLayerNormFunction.apply(x, w, b, eps)
+    return lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+
+
+def _bytes(shape, direction):
+    size = torch.empty((), dtype=getattr(torch, shape["dtype"])).element_size()
+    return (2 if direction == "forward" else 3) * shape["M"] * shape["N"] * size
+
+
+def _shapes(m, ns, dtype):
+    return [{"M": m, "N": n, "dtype": dtype} for n in ns]
+
+
+CASE = register(Case(
+    op="layer_norm",
+    shapes={
+        "cuda": {"full": _shapes(32768, (768, 1024, 2048, 4096, 8192), "bfloat16"),
+                 "quick": _shapes(8192, (1024, 4096), "bfloat16")},
+        "cpu": {"full": _shapes(4096, (768, 1024, 2048, 4096), "float32"),
+                "quick": _shapes(4096, (1024,), "float32")},
+    },
+    make_inputs=make_inputs,
+    impls=(
+        _fastlm("cuda"),
+        _fastlm("triton"),
+        _fastlm("cpu"),
+        Impl("torch", "torch", _torch),
+        Impl("liger", "peer", _liger, module="liger_kernel", install="liger-kernel",
+             devices=("cuda",)),
+    ),
+    oracle=oracle,
+    outputs={"forward": ("y",), "backward": ("dx", "dw", "db")},
+    bytes=_bytes,
+    notes={"bytes": "forward 2*M*N*size, backward 3*M*N*size"},
+))

@@ -1,0 +1,112 @@
+"""The benchmark case registry: what an op's benchmark is made of, and the dict holding them.
+
+A :class:`Case` describes one op: the shapes to run per device, how to make inputs, the
+implementations to compare (fastlm backends, the PyTorch reference, optional peers), a
+high-precision oracle for the error column, and the byte (or FLOP) formula. Each op lives in
+its own module (``fastlm/bench/<op>.py``) that builds a Case and calls :func:`register`.
+"""
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import backends
+
+DIRECTIONS = ("forward", "backward")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One way to run an op, one row of the results table.
+
+    ``prepare(inputs, direction)`` does the untimed setup (a forward whose saved statistics a
+    backward needs, say) and returns a zero-argument callable: the timed work, which returns
+    the outputs compared with the oracle, in the order of ``Case.outputs[direction]``.
+    """
+
+    name: str  # row label: "fastlm-cuda", "torch", "liger"
+    kind: str  # "fastlm", "torch" or "peer"
+    prepare: Callable[[dict, str], Callable[[], tuple]]
+    backend: str | None = None  # kind "fastlm": the fastlm backend it times
+    module: str | None = None  # kind "peer": the module it needs installed
+    install: str | None = None  # kind "peer": the pip package providing `module`
+    devices: tuple = ("cpu", "cuda")  # device types the implementation runs on
+
+
+@dataclass(frozen=True)
+class Case:
+    """An op's benchmark. Shapes are dicts of the formula's parameters plus ``dtype`` (a torch
+    dtype name); ``shapes[device_type]`` holds the ``"full"`` and ``"quick"`` lists."""
+
+    op: str
+    shapes: dict
+    make_inputs: Callable[[dict, object], dict]  # (shape, torch.device) -> inputs
+    impls: tuple
+    oracle: Callable[[dict, str], tuple]  # (inputs, direction) -> high-precision outputs
+    outputs: dict  # direction -> names of the compared outputs
+    bytes: Callable[[dict, str], int] | None = None  # (shape, direction) -> bytes moved
+    flops: Callable[[dict, str], int] | None = None  # (shape, direction) -> FLOPs done
+    x_axis: str = "N"  # the shape parameter on the plot's x axis
+    directions: tuple = DIRECTIONS
+    notes: dict = field(default_factory=dict)  # free text carried into the JSON
+
+    def shape_list(self, device_type, quick):
+        """The shapes to run on `device_type`; empty when the op has none for it."""
+        return list(self.shapes.get(device_type, {}).get("quick" if quick else "full", []))
+
+
+CASES: dict = {}
+
+
+def register(case):
+    """Add `case` to the registry under its op name and return it."""
+    if not (case.bytes or case.flops):
+        raise ValueError(f"bench case {case.op!r} needs a bytes or a flops formula")
+    if case.op in CASES:
+        raise ValueError(f"bench case {case.op!r} is already registered")
+    CASES[case.op] = case
+    return case
+
+
+def names():
+    """The registered op names, in registration order."""
+    return list(CASES)
+
+
+def get(op):
+    """The case for `op`; KeyError naming the valid choices when there is none."""
+    try:
+        return CASES[op]
+    except KeyError:
+        raise KeyError(f"no benchmark for op {op!r}; choose from {', '.join(CASES)}") from None
+
+
+def shape_label(shape):
+    """A short name for a shape: "M=4096 N=1024 float32"."""
+    return " ".join(f"{k}={v}" for k, v in shape.items() if k != "dtype") + f" {shape['dtype']}"
+
+
+def availability(impl, device_type):
+    """(ok, reason) for timing `impl` on `device_type` here."""
+    if device_type not in impl.devices:
+        return False, f"runs on {' and '.join(impl.devices)} only"
+    if impl.kind == "fastlm":
+        if impl.backend == "triton" and device_type == "cpu":
+            return False, "Triton on CPU is its interpreter, not a performance path"
+        ok, why = backends.available()[impl.backend].get(device_type, (False, "no kernels"))
+        return ok, why
+    if impl.kind == "peer" and importlib.util.find_spec(impl.module) is None:
+        return False, f"not installed (pip install {impl.install})"
+    return True, ""
+
+
+def split_available(case, device_type):
+    """(impls to time, [(impl name, reason it is skipped)]) for `case` on `device_type`."""
+    run, skipped = [], []
+    for impl in case.impls:
+        ok, why = availability(impl, device_type)
+        if ok:
+            run.append(impl)
+        else:
+            skipped.append((impl.name, why))
+    return run, skipped
