@@ -23,7 +23,9 @@ def _load():
 
             found = sorted(glob.glob(os.path.join(ext_dir, "fastlm", "_C*.so")))
             if not found:
-                raise ImportError(f"FASTLM_EXT_DIR={ext_dir} holds no fastlm/_C*.so")
+                ERROR = (f"FASTLM_EXT_DIR={ext_dir} holds no fastlm/_C*.so: build one there with "
+                         f"`fastlm compile --arch ... --out DIR`, or unset FASTLM_EXT_DIR")
+                return
             spec = importlib.util.spec_from_file_location("fastlm._C", found[0])
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)

@@ -22,11 +22,12 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for that cannot run here; the message names the fix."""
 
 
-def _triton_importable():
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001  (any failure means: no triton backend)
-        return False, f"triton cannot be imported ({e}): pip install triton"
+def _triton_installed():
+    """Whether the triton package is installed; it is imported only when first used."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed: pip install triton"
     return True, ""
 
 
@@ -49,7 +50,7 @@ def _probe():
         cuda = (False, no_gpu)
     else:
         cuda = (True, "")
-    t_ok, t_why = _triton_importable()
+    t_ok, t_why = _triton_installed()
     triton_gpu = (t_ok and gpu, t_why or ("" if gpu else no_gpu))
     triton_cpu = (t_ok and _interpret(), t_why or (
         "" if _interpret() else "Triton runs on CPU tensors only in its interpreter: "

@@ -15,6 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, env=None, timeout=900):
+    env = dict(os.environ if env is None else env)
+    env.pop("TRITON_INTERPRET", None)  # conftest sets it for in-process Triton tests
     return subprocess.run([sys.executable, "-m", "fastlm.compile", *args], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=timeout)
 

@@ -15,6 +15,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -47,6 +48,8 @@ FASTLM_INLINE T from_f(float v) {
   return static_cast<T>(v);  // round to nearest even, NaN kept (c10 conversions)
 }
 
+constexpr int64_t kSumBlock = 512;
+
 template <typename T, typename W>
 FASTLM_INLINE void fwd_row(const T* __restrict x, const W* __restrict w, const W* __restrict b,
                     T* __restrict y, float* mean, float* rstd, int64_t N, float eps,
@@ -60,17 +63,29 @@ FASTLM_INLINE void fwd_row(const T* __restrict x, const W* __restrict w, const W
     for (int64_t j = 0; j < N; ++j) buf[j] = to_f(x[j]);
     xf = buf;
   }
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < N; ++j) s += xf[j];
-  const float mu = s / float(N);
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t j = 0; j < N; ++j) {
-    const float d = xf[j] - mu;
-    ss += d * d;
+  // Row sums: float SIMD lanes within blocks of kSumBlock elements, the block sums in double,
+  // so the rounding error does not grow with the row length.
+  double s = 0.0;
+  for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
+    const int64_t j1 = std::min(N, j0 + kSumBlock);
+    float part = 0.f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t j = j0; j < j1; ++j) part += xf[j];
+    s += part;
   }
-  const float rs = 1.f / std::sqrt(ss / float(N) + eps);
+  const float mu = float(s / double(N));
+  double ss = 0.0;
+  for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
+    const int64_t j1 = std::min(N, j0 + kSumBlock);
+    float part = 0.f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t j = j0; j < j1; ++j) {
+      const float d = xf[j] - mu;
+      part += d * d;
+    }
+    ss += part;
+  }
+  const float rs = 1.f / std::sqrt(float(ss / double(N)) + eps);
   *mean = mu;
   *rstd = rs;
   if (w && b) {
@@ -102,16 +117,20 @@ FASTLM_INLINE void bwd_row(const T* __restrict dy, const T* __restrict x, float 
                     float* __restrict db, int64_t N) {
   // Pass 1: the two row sums. Pass 2 re-reads x and dy (from L1/L2) instead of storing
   // xhat and g, which measured faster than keeping them in a row buffer.
-  float a = 0.f, c = 0.f;
-#pragma omp simd reduction(+ : a, c)
-  for (int64_t j = 0; j < N; ++j) {
-    const float g = HAS_W ? to_f(dy[j]) * to_f(w[j]) : to_f(dy[j]);
-    a += g * ((to_f(x[j]) - mu) * rs);
-    c += g;
+  double sa = 0.0, sc = 0.0;  // blocked as in fwd_row
+  for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
+    const int64_t j1 = std::min(N, j0 + kSumBlock);
+    float pa = 0.f, pc = 0.f;
+#pragma omp simd reduction(+ : pa, pc)
+    for (int64_t j = j0; j < j1; ++j) {
+      const float g = HAS_W ? to_f(dy[j]) * to_f(w[j]) : to_f(dy[j]);
+      pa += g * ((to_f(x[j]) - mu) * rs);
+      pc += g;
+    }
+    sa += pa;
+    sc += pc;
   }
-  const float inv_n = 1.f / float(N);
-  a *= inv_n;
-  c *= inv_n;
+  const float a = float(sa / double(N)), c = float(sc / double(N));
 #pragma omp simd
   for (int64_t j = 0; j < N; ++j) {
     const float dyj = to_f(dy[j]);
