@@ -22,7 +22,7 @@ import _buildcfg  # noqa: E402  (fastlm/_buildcfg.py: shared with `fastlm compil
 sys.path.pop(0)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.bench", "fastlm.kernels"]
+PACKAGES = ["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.optim", "fastlm.bench", "fastlm.kernels"]
 PACKAGE_DIR = {"fastlm.kernels": "kernels"}
 
 
@@ -59,7 +59,7 @@ def extensions():
     # -ffp-contract=off: no fused multiply-adds the source did not write. With them, the CPU
     # backward's g - mean(g) left a rounding residual (a non-zero dx for one-element rows).
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
-    sources = ["csrc/module.cpp", "csrc/fastlm.cpp", "csrc/cpu/layer_norm.cpp"]
+    sources = ["csrc/module.cpp", "csrc/fastlm.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/adam.cpp"]
     kwargs = dict(extra_link_args=["-fopenmp"])
     archs = []
     if with_cuda:

@@ -12,4 +12,19 @@ TORCH_LIBRARY(fastlm, m) {
   // dweight/dbias are reduced deterministically: per-block partial sums, then a fixed-order sum.
   m.def("layer_norm_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight,"
         " Tensor? bias, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+
+  // One fused Adam/AdamW step over lists of tensors on one device (fastlm/ops/adam.py says
+  // what each argument means). Arithmetic in float32; params float32/float16/bfloat16; the
+  // moments the params' dtype or float32; `masters` (float32) empty or one per param;
+  // `max_exp_avg_sqs` empty unless amsgrad; `steps` are float32 scalars already incremented.
+  // grad_scale divides the grads; a found_inf != 0 skips the step; clip_coef multiplies the
+  // (unscaled) grads. lr_tensor, when given, replaces lr.
+  m.def("adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
+        " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters,"
+        " Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps,"
+        " float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale,"
+        " Tensor? found_inf, Tensor? clip_coef) -> ()");
+  // Sum of squares of all elements of all tensors (one device), float32 scalar, computed in
+  // float32 with per-chunk partial sums added in a fixed order.
+  m.def("sum_of_squares(Tensor[] tensors) -> Tensor");
 }

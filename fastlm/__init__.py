@@ -3,6 +3,7 @@
     import fastlm
     y = fastlm.layer_norm(x, (1024,), weight, bias)      # like torch.nn.functional.layer_norm
     ln = fastlm.nn.LayerNorm(1024)                       # like torch.nn.LayerNorm
+    opt = fastlm.optim.AdamW(model.parameters())         # like torch.optim.AdamW
     with fastlm.use_backend("triton"): ...               # force a backend
 
 Importing fastlm loads fastlm._C (the C++/CUDA kernels, registered as torch.ops.fastlm.*);
@@ -15,6 +16,6 @@ __version__ = "0.1.0"
 from . import _ext, backends  # noqa: E402, F401  (_ext loads fastlm._C: its op registrations)
 from .backends import use_backend  # noqa: E402
 from .ops.layer_norm import layer_norm  # noqa: E402
-from . import nn  # noqa: E402
+from . import nn, optim  # noqa: E402
 
-__all__ = ["layer_norm", "use_backend", "backends", "nn", "__version__"]
+__all__ = ["layer_norm", "use_backend", "backends", "nn", "optim", "__version__"]
