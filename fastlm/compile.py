@@ -95,10 +95,10 @@ def triton_specs(dtypes, sizes):
     """Every (kernel, args, meta) to compile: each op's kernels module lists its own."""
     import torch
 
-    from .kernels import layer_norm
+    from .kernels import adam, layer_norm
 
     tdt = [getattr(torch, d) for d in dtypes]
-    return layer_norm.aot_specs(tdt, sizes)
+    return layer_norm.aot_specs(tdt, sizes) + adam.aot_specs(tdt, sizes)
 
 
 def compile_triton(archs, cache_dir, dtypes, sizes, log):

@@ -102,10 +102,18 @@ def _log(beta):
     return math.log(beta) if beta > 0 else -math.inf
 
 
+def _launch_meta(decoupled, amsgrad, maximize, master, lr_tensor, scale, inf, clip):
+    return dict(DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize, HAS_MASTER=master,
+                LR_TENSOR=lr_tensor, HAS_SCALE=scale, HAS_INF=inf, HAS_CLIP=clip, BLOCK=BLOCK,
+                num_warps=8)
+
+
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr,
                lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
                grad_scale, found_inf, clip_coef):
     """The step over each tensor of the lists (one launch per tensor)."""
+    meta = _launch_meta(decoupled, amsgrad, maximize, bool(masters), lr_tensor is not None,
+                        grad_scale is not None, found_inf is not None, clip_coef is not None)
     for i, p in enumerate(params):
         n = p.numel()
         if n == 0:
@@ -120,11 +128,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
             dummy if found_inf is None else found_inf,
             dummy if clip_coef is None else clip_coef,
             n, lr, beta1, beta2, eps, weight_decay, 1.0 - beta1, 1.0 - beta2,
-            _log(beta1), _log(beta2), 1.0 - lr * weight_decay,
-            DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize, HAS_MASTER=bool(masters),
-            LR_TENSOR=lr_tensor is not None, HAS_SCALE=grad_scale is not None,
-            HAS_INF=found_inf is not None, HAS_CLIP=clip_coef is not None, BLOCK=BLOCK,
-            num_warps=8)
+            _log(beta1), _log(beta2), 1.0 - lr * weight_decay, **meta)
 
 
 def sum_of_squares(tensors):
@@ -138,3 +142,22 @@ def sum_of_squares(tensors):
                                              num_warps=8)
         start += k
     return part.sum(dtype=torch.float32)
+
+
+def aot_specs(dtypes, sizes):
+    """(kernel, args, meta) for `fastlm compile`: the AdamW steps fastlm.optim.AdamW launches
+    for params of each dtype (float32 master weights for 16-bit params), plain, with fused
+    clipping, and under a GradScaler; and the sum of squares. `sizes` do not matter here (the
+    element count is not specialized)."""
+    f32 = torch.float32
+    specs = []
+    for dt in dtypes:
+        master = dt != f32
+        for scale, clip in ((False, False), (False, True), (True, False), (True, True)):
+            args = (dt, dt, f32 if master else dt, f32 if master else dt, f32 if master else dt,
+                    f32, f32, f32, f32, f32, f32, 4096, 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.1, 0.001,
+                    -0.1, -0.001, 0.99999)
+            specs.append((_adam_kernel, args,
+                          _launch_meta(True, False, False, master, False, scale, scale, clip)))
+        specs.append((_sumsq_kernel, (dt, f32, 4096), dict(BLOCK=BLOCK, num_warps=8)))
+    return specs

@@ -47,11 +47,12 @@ def test_compile_sm80_sm90_without_gpu(tmp_path):
         elf = subprocess.run([tool, "--list-elf", so[0]], capture_output=True, text=True).stdout
         assert ".sm_80." in elf and ".sm_90." in elf, elf
 
-    # Triton: forward, backward per size and one column sum, for each arch.
+    # Triton, for each arch: LayerNorm forward and backward per size and one column sum (5);
+    # AdamW plain, clipped, scaled, scaled and clipped, and the sum of squares (5).
     cache = str(out / "triton")
     archs = _triton_cubin_archs(cache)
-    assert archs.count(80) == 5 and archs.count(90) == 5, archs
-    assert len(glob.glob(os.path.join(cache, "*", "*.cubin"))) == 10
+    assert archs.count(80) == 10 and archs.count(90) == 10, archs
+    assert len(glob.glob(os.path.join(cache, "*", "*.cubin"))) == 20
 
     # The extension loads from there (FASTLM_EXT_DIR) and reports its archs.
     env = dict(os.environ, FASTLM_EXT_DIR=str(out / "ext"))

@@ -53,20 +53,21 @@ struct AdamScalars {
   bool decoupled;
 };
 
-template <bool AMSGRAD, bool MASTER, typename P, typename S>
+// Weight decay: none, decoupled (AdamW) or added to the gradient (Adam). A template argument,
+// like AMSGRAD and MASTER, so the element loop has no branch and vectorizes.
+enum WdMode { kNoDecay = 0, kDecoupled = 1, kL2 = 2 };
+
+template <int WD, bool AMSGRAD, bool MASTER, typename P, typename S>
 FASTLM_INLINE void adam_span(P* __restrict p, const P* __restrict g, S* __restrict m,
                              S* __restrict v, S* __restrict vmax, float* __restrict master,
                              int64_t n, const AdamScalars& k) {
   const float one_m_b1 = k.one_m_b1, one_m_b2 = k.one_m_b2;
-  const float adam_wd = k.decoupled ? 0.f : k.wd;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float pv = MASTER ? master[i] : to_f(p[i]);
     float gv = to_f(g[i]) * k.g_mul;
-    if (k.wd != 0.f) {
-      if (k.decoupled) pv *= k.decay;
-      else gv += adam_wd * pv;
-    }
+    if constexpr (WD == kDecoupled) pv *= k.decay;
+    if constexpr (WD == kL2) gv += k.wd * pv;
     const float mv = k.beta1 * to_f(m[i]) + one_m_b1 * gv;
     const float vv = k.beta2 * to_f(v[i]) + one_m_b2 * gv * gv;
     m[i] = from_f<S>(mv);
@@ -83,13 +84,21 @@ FASTLM_INLINE void adam_span(P* __restrict p, const P* __restrict g, S* __restri
   }
 }
 
+template <int WD, typename P, typename S>
+FASTLM_INLINE void adam_wd(P* p, const P* g, S* m, S* v, S* vmax, float* master, int64_t n,
+                           const AdamScalars& k) {
+  if (vmax && master) adam_span<WD, true, true>(p, g, m, v, vmax, master, n, k);
+  else if (vmax) adam_span<WD, true, false>(p, g, m, v, vmax, master, n, k);
+  else if (master) adam_span<WD, false, true>(p, g, m, v, vmax, master, n, k);
+  else adam_span<WD, false, false>(p, g, m, v, vmax, master, n, k);
+}
+
 #define FASTLM_ADAM_DRIVER(P, S, tag)                                                       \
   FASTLM_CLONES void adam_##tag(P* p, const P* g, S* m, S* v, S* vmax, float* master,       \
                                 int64_t n, const AdamScalars& k) {                          \
-    if (vmax && master) adam_span<true, true>(p, g, m, v, vmax, master, n, k);              \
-    else if (vmax) adam_span<true, false>(p, g, m, v, vmax, master, n, k);                  \
-    else if (master) adam_span<false, true>(p, g, m, v, vmax, master, n, k);                \
-    else adam_span<false, false>(p, g, m, v, vmax, master, n, k);                           \
+    if (k.wd == 0.f) adam_wd<kNoDecay>(p, g, m, v, vmax, master, n, k);                     \
+    else if (k.decoupled) adam_wd<kDecoupled>(p, g, m, v, vmax, master, n, k);              \
+    else adam_wd<kL2>(p, g, m, v, vmax, master, n, k);                                      \
   }
 FASTLM_ADAM_DRIVER(float, float, f32)
 FASTLM_ADAM_DRIVER(c10::Half, c10::Half, f16)
