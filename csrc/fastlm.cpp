@@ -27,4 +27,16 @@ TORCH_LIBRARY(fastlm, m) {
   // Sum of squares of all elements of all tensors (one device), float32 scalar, computed in
   // float32 with per-chunk partial sums added in a fixed order.
   m.def("sum_of_squares(Tensor[] tensors) -> Tensor");
+
+  // Scaled dot-product attention on the canonical layout q (B,Hq,L,E), k (B,Hk,S,E),
+  // v (B,Hk,S,Ev), Hq a multiple of Hk; mask None or (B,Hq,L,S) with any strides, bool
+  // (True = attend) or additive float; rng None or int64 (seed, offset) on q's device.
+  // Returns (out (B,Hq,L,Ev) in q's dtype, lse (B,Hq,L) float32). docs/attention.md is the
+  // contract: the math, empty rows (zeros, lse = +inf) and the dropout bits.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? rng,"
+        " float dropout_p, bool is_causal, float scale) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v), deterministic (fixed-order sums, no float atomics).
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? mask, Tensor? rng, float dropout_p, bool is_causal, float scale)"
+        " -> (Tensor, Tensor, Tensor)");
 }

@@ -104,22 +104,37 @@ def forced():
     return _forced[-1] if _forced else _env
 
 
-def select(op, device, dtype, kernel_dtypes):
+def _usable(name, dev, has_kernel):
+    ok, why = _AVAIL[name].get(dev, (False, f"fastlm has no {name} kernels for {dev}"))
+    if ok and name in ("cuda", "cpu") and has_kernel is not None and not has_kernel(dev):
+        return False, ("this build of fastlm._C has no such kernel for this op: rebuild fastlm "
+                       "(pip install --no-build-isolation -e .)")
+    return ok, why
+
+
+def select(op, device, dtype, kernel_dtypes, has_kernel=None, order=None):
     """The backend that runs `op` for a tensor of `dtype` on `device`.
 
     Kernel backends take the dtypes in `kernel_dtypes`; for any other (float64, say) the
     automatic choice is the torch reference, and a forced kernel backend is an error.
+    `has_kernel(device_type)` says whether fastlm._C holds this op's C++ kernel; `order`
+    overrides the default preference order for the device.
     """
     name = forced()
     dev = device.type
     if name is None:
-        return default_for(dev) if dtype in kernel_dtypes else "torch"
+        if dtype not in kernel_dtypes:
+            return "torch"
+        for cand in (order or _DEFAULT_ORDER.get(dev, ("torch",))):
+            if cand == "torch" or _usable(cand, dev, has_kernel)[0]:
+                return cand
+        return "torch"
     if name != "torch":
         if dtype not in kernel_dtypes:
             raise TypeError(f"{op}: backend {name!r} supports "
                             f"{', '.join(str(d).removeprefix('torch.') for d in kernel_dtypes)}"
                             f", got {dtype}; use the 'torch' backend for it")
-        ok, why = _AVAIL[name].get(dev, (False, f"fastlm has no {name} kernels for {dev}"))
+        ok, why = _usable(name, dev, has_kernel)
         if not ok:
             raise BackendUnavailable(f"fastlm backend {name!r} is not available for {dev} "
                                      f"tensors: {why}")

@@ -1,0 +1,462 @@
+"""Attention: the reference that defines the semantics (docs/attention.md), the dropout bits,
+fake kernels and autograd for the C++ ops, the Triton custom ops, and the public functions
+`scaled_dot_product_attention` and `varlen_attention`.
+
+Semantics are those of torch.nn.functional.scaled_dot_product_attention, with one deliberate
+difference: a query row that may attend to no key gives zeros (and zero gradients), not NaN.
+Dropout uses fastlm's own counter-based bits (Philox4x32-10, docs/attention.md), identical on
+every backend and regenerated in the backward; the seed is drawn from torch's generator for
+the tensors' device, so results are reproducible under torch.manual_seed.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+# ---------------------------------------------------------------------------------------------
+# Dropout bits: Philox4x32-10 in int64 torch ops (the executable definition of the contract).
+_M32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo(a: int, b: Tensor):
+    """(hi, lo) 32-bit halves of the 64-bit product of the constant a and uint32 values b.
+    Split b in 16-bit halves so no int64 product overflows."""
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    p_lo = a * b_lo                     # < 2**48
+    p_hi = a * b_hi                     # < 2**48
+    lo_sum = p_lo + ((p_hi & 0xFFFF) << 16)
+    lo = lo_sum & _M32
+    hi = ((p_hi >> 16) + (lo_sum >> 32)) & _M32
+    return hi, lo
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox4x32 with ten rounds on int64 tensors holding uint32 counters; keys are ints."""
+    k0 &= _M32
+    k1 &= _M32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = (hi1 ^ c1 ^ k0), lo1, (hi0 ^ c3 ^ k1), lo0
+        k0 = (k0 + _PHILOX_W0) & _M32
+        k1 = (k1 + _PHILOX_W1) & _M32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """Keys whose 16 random bits fall below this are dropped; the exact rate is thresh/65536."""
+    return min(65536, int(math.floor(dropout_p * 65536.0 + 0.5)))
+
+
+def dropout_scale(dropout_p: float) -> float:
+    t = dropout_threshold(dropout_p)
+    return 65536.0 / (65536 - t) if t < 65536 else 0.0
+
+
+def dropout_keep(rng: Tensor, B: int, H: int, L: int, S: int, dropout_p: float) -> Tensor:
+    """The (B, H, L, S) bool keep mask of the contract, on rng's device."""
+    seed, offset = (int(x) for x in rng.tolist())
+    dev = rng.device
+    i64 = torch.int64
+    j = torch.arange(S, device=dev, dtype=i64).view(1, 1, S)
+    i = torch.arange(L, device=dev, dtype=i64).view(1, L, 1)
+    bh = torch.arange(B * H, device=dev, dtype=i64).view(B * H, 1, 1)
+    shape = (B * H, L, S)
+    c0 = (j >> 3).expand(shape)
+    c1 = i.expand(shape)
+    c2 = bh.expand(shape)
+    c3 = torch.full(shape, offset & _M32, device=dev, dtype=i64)
+    x = philox4x32_10(c0, c1, c2, c3, seed & _M32, (seed >> 32) & _M32)
+    lane = (j & 7).expand(shape)
+    word = torch.where(lane < 2, x[0], torch.where(lane < 4, x[1], torch.where(lane < 6, x[2],
+                                                                               x[3])))
+    r16 = (word >> (16 * (lane & 1))) & 0xFFFF
+    return (r16 >= dropout_threshold(dropout_p)).view(B, H, L, S)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the canonical ops in plain PyTorch (float32, or float64 for float64 input).
+def _scores(q, k, mask, is_causal, scale, ct):
+    """Masked scaled scores (B, Hq, L, S) in ct; k already expanded to Hq heads."""
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    L, S = s.shape[-2], s.shape[-1]
+    if is_causal:
+        allowed = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, float("-inf"))
+        else:
+            s = s + mask.to(ct)
+    return s
+
+
+def _expand_kv(t, hq):
+    hk = t.shape[1]
+    return t if hk == hq else t.repeat_interleave(hq // hk, dim=1)
+
+
+def _probs(q, k, mask, is_causal, scale, ct):
+    s = _scores(q, _expand_kv(k, q.shape[1]), mask, is_causal, scale, ct)
+    lse = torch.logsumexp(s, dim=-1)
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    return torch.exp(s - lse.unsqueeze(-1)), lse
+
+
+def _dropped(p, q, S, rng, dropout_p, ct):
+    if dropout_p == 0.0 or rng is None:
+        return p
+    B, H, L = q.shape[0], q.shape[1], q.shape[2]
+    keep = dropout_keep(rng, B, H, L, S, dropout_p)
+    return p * keep.to(ct) * dropout_scale(dropout_p)
+
+
+def _ct(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def reference_attention_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale):
+    """attention_fwd of docs/attention.md: (out in q's dtype, lse float32)."""
+    ct = _ct(q)
+    p, lse = _probs(q, k, mask, is_causal, scale, ct)
+    pd = _dropped(p, q, k.shape[2], rng, dropout_p, ct)
+    out = torch.matmul(pd, _expand_kv(v, q.shape[1]).to(ct))
+    return out.to(q.dtype), lse.to(torch.float32)
+
+
+def _fold_heads(g, hk):
+    """Sum a (B, Hq, ...) gradient over each group of Hq/Hk query heads -> (B, Hk, ...)."""
+    b, hq = g.shape[0], g.shape[1]
+    if hq == hk:
+        return g
+    return g.view(b, hk, hq // hk, *g.shape[2:]).sum(2)
+
+
+def reference_attention_bwd(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale):
+    """attention_bwd of docs/attention.md: (grad_q, grad_k, grad_v) with q, k, v's dtypes."""
+    ct = _ct(q)
+    hq, hk = q.shape[1], k.shape[1]
+    ke, ve = _expand_kv(k, hq).to(ct), _expand_kv(v, hq).to(ct)
+    s = _scores(q, ke, mask, is_causal, scale, ct)
+    p = torch.exp(s - lse.to(ct).unsqueeze(-1))
+    do = grad_out.to(ct)
+    z = 1.0
+    if dropout_p != 0.0 and rng is not None:
+        z = dropout_keep(rng, q.shape[0], hq, q.shape[2], k.shape[2], dropout_p).to(ct)
+        z = z * dropout_scale(dropout_p)
+    dv = torch.matmul((p * z).transpose(-1, -2), do)
+    dp = torch.matmul(do, ve.transpose(-1, -2)) * z
+    d = (do * out.to(ct)).sum(-1, keepdim=True)
+    ds = p * (dp - d)
+    dq = torch.matmul(ds, ke) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(ct)) * scale
+    return (dq.to(q.dtype), _fold_heads(dk, hk).to(k.dtype), _fold_heads(dv, hk).to(v.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels (shapes and dtypes only), shared by the C++ and the Triton ops.
+def _fake_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale):
+    b, h, l = q.shape[0], q.shape[1], q.shape[2]
+    out = q.new_empty((b, h, l, v.shape[3]))
+    return out, q.new_empty((b, h, l), dtype=torch.float32)
+
+
+def _fake_bwd(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd, shared by the C++ and the Triton forward ops.
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, rng, dropout_p, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, rng)
+    ctx.args = (dropout_p, is_causal, scale)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, mask, rng = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, mask, rng, *ctx.args)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+                None, None, None, None, None)
+
+    return backward
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastlm.scaled_dot_product_attention does not support double backward (higher-order "
+        "gradients): run that computation with fastlm.use_backend('torch')")
+
+
+def _register(fwd_name, bwd_name, bwd_op):
+    torch.library.register_autograd(fwd_name, _make_backward(bwd_op),
+                                    setup_context=_setup_context)
+    torch.library.register_autograd(bwd_name, _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+_C_OPS = False
+if hasattr(torch.ops.fastlm, "attention_fwd"):
+    torch.library.register_fake("fastlm::attention_fwd")(_fake_fwd)
+    torch.library.register_fake("fastlm::attention_bwd")(_fake_bwd)
+    _register("fastlm::attention_fwd", "fastlm::attention_bwd", torch.ops.fastlm.attention_bwd)
+    _C_OPS = True
+
+
+def _has_kernel(device_type):
+    """Whether fastlm._C registered attention kernels for this device (csrc/{cpu,cuda})."""
+    if not _C_OPS:
+        return False
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastlm::attention_fwd", key)
+
+
+def _register_triton_ops():
+    """Define the Triton custom ops (deferred to first use, as in ops/layer_norm.py)."""
+    from torch.library import triton_op
+
+    from ..kernels import attention as tk
+
+    @triton_op("fastlm::attention_fwd_triton", mutates_args=())
+    def attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                             rng: Optional[Tensor], dropout_p: float, is_causal: bool,
+                             scale: float) -> tuple[Tensor, Tensor]:
+        return tk.forward(q, k, v, mask, rng, dropout_p, is_causal, scale)
+
+    @triton_op("fastlm::attention_bwd_triton", mutates_args=())
+    def attention_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                             lse: Tensor, mask: Optional[Tensor], rng: Optional[Tensor],
+                             dropout_p: float, is_causal: bool,
+                             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        return tk.backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale)
+
+    _register("fastlm::attention_fwd_triton", "fastlm::attention_bwd_triton",
+              torch.ops.fastlm.attention_bwd_triton)
+
+
+_triton_registered = False
+
+
+def triton_ops_ready() -> bool:
+    global _triton_registered
+    if not _triton_registered:
+        _register_triton_ops()
+        _triton_registered = True
+    return True
+
+
+triton_ops_ready._dynamo_marked_constant = True  # see ops/layer_norm.py
+
+
+# ---------------------------------------------------------------------------------------------
+# The public functions.
+_WHO = "fastlm.scaled_dot_product_attention"
+# On a GPU, Triton first: its kernels are verified (in the interpreter) against the reference,
+# while the CUDA kernels have yet to run on a GPU (see the README). Revisit once measured.
+_ORDER = {"cuda": ("triton", "cuda", "torch")}
+
+
+def _err(cls, msg):
+    return cls(f"{_WHO}: {msg}")
+
+
+def _check_inputs(query, key, value, attn_mask, dropout_p):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise _err(TypeError, f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise _err(ValueError, f"{name} must have at least 2 dims (length, head dim), got "
+                                   f"shape {list(t.shape)}")
+        if not t.is_floating_point():
+            raise _err(TypeError, f"{name} must be floating point, got {t.dtype}")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise _err(TypeError, f"query, key and value must have one dtype, got {query.dtype}, "
+                              f"{key.dtype} and {value.dtype}")
+    if key.device != query.device or value.device != query.device:
+        raise _err(ValueError, f"query, key and value must be on one device, got "
+                               f"{query.device}, {key.device} and {value.device}")
+    if key.shape[-1] != query.shape[-1]:
+        raise _err(ValueError, f"key's head dim ({key.shape[-1]}) must equal query's "
+                               f"({query.shape[-1]})")
+    if key.shape[-2] != value.shape[-2]:
+        raise _err(ValueError, f"key and value must have the same length (dim -2), got "
+                               f"{key.shape[-2]} and {value.shape[-2]}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise _err(TypeError, f"attn_mask must be a Tensor or None, got "
+                                  f"{type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise _err(TypeError, f"attn_mask must be bool (True = attend) or floating "
+                                  f"(added to the scores), got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise _err(ValueError, f"attn_mask is on {attn_mask.device} but query is on "
+                                   f"{query.device}")
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise _err(ValueError, f"dropout_p must be in [0, 1], got {dropout_p}")
+
+
+def _canonical(query, key, value, attn_mask, enable_gqa):
+    """Views of the arguments in the kernels' (B, H, len, dim) layout, and the output shape."""
+    nd = max(query.dim(), key.dim(), value.dim(), 3)
+    q, k, v = (t.reshape((1,) * (nd - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    if enable_gqa:
+        if hk != hv or hq % hk != 0:
+            raise _err(ValueError, f"with enable_gqa=True the query heads ({hq}) must be a "
+                                   f"multiple of the key heads ({hk}), and key and value must "
+                                   f"have the same number of heads ({hv})")
+    elif not (hk == hv == hq or (hk == hv == 1)):
+        if hq == 1 and hk == hv:
+            q = q.expand(*q.shape[:-3], hk, *q.shape[-2:])
+            hq = hk
+        else:
+            raise _err(ValueError, f"query, key and value heads (dim -3: {hq}, {hk}, {hv}) must "
+                                   "match or broadcast (set enable_gqa=True for grouped-query "
+                                   "attention)")
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        raise _err(ValueError, f"the batch dims of query {list(query.shape)}, key "
+                               f"{list(key.shape)} and value {list(value.shape)} do not "
+                               "broadcast") from None
+    b = math.prod(batch)
+    L, E, S, Ev = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
+
+    def canon(t, h):
+        t = t.expand(*batch, h, *t.shape[-2:]).reshape(b, h, *t.shape[-2:])
+        return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+    qc, kc, vc = canon(q, hq), canon(k, hk), canon(v, hk)
+    mask = None
+    if attn_mask is not None:
+        try:
+            m = attn_mask.expand(*batch, hq, L, S)
+        except RuntimeError:
+            raise _err(ValueError, f"attn_mask of shape {list(attn_mask.shape)} does not "
+                                   f"broadcast to the scores' shape {[*batch, hq, L, S]}") from None
+        mask = m.reshape(b, hq, L, S)
+    lead = (*batch, hq)
+    nd0 = max(query.dim(), key.dim(), value.dim())
+    out_shape = (tuple(lead[len(lead) - (nd0 - 2):]) if nd0 > 2 else ()) + (L, Ev)
+    return qc, kc, vc, mask, out_shape
+
+
+def _new_rng(device):
+    """(seed, offset) for the dropout bits, drawn from torch's generator for `device`."""
+    return torch.empty(2, dtype=torch.int64, device=device).random_()
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """torch.nn.functional.scaled_dot_product_attention on fastlm's fused kernels.
+
+    Same arguments, broadcasting and result, except that a query row that may attend to no key
+    gives zeros (and zero gradients) instead of NaN. Dropout bits come from fastlm's Philox
+    stream (docs/attention.md), seeded from torch's generator. float64 runs on the reference; a
+    floating attn_mask that requires grad runs on the reference (the kernels do not compute the
+    mask's gradient). Head dims up to 256.
+    """
+    _check_inputs(query, key, value, attn_mask, dropout_p)
+    if attn_mask is not None and is_causal:
+        raise _err(ValueError, "pass either attn_mask or is_causal=True, not both (as torch)")
+    dev = query.device
+    if torch.is_autocast_enabled(dev.type) and query.dtype != torch.float64:
+        dt = torch.get_autocast_dtype(dev.type)  # sdpa is on autocast's lower-precision list
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    q, k, v, mask, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
+    E, Ev = q.shape[-1], v.shape[-1]
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if mask is not None and mask.is_floating_point() and mask.dtype not in (torch.float32,
+                                                                            q.dtype):
+        mask = mask.float()
+    name = backends.select(_WHO, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_kernel,
+                           order=_ORDER.get(dev.type))
+    if name != "torch" and (E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM):
+        raise _err(ValueError, f"head dims must be at most {MAX_HEAD_DIM} on the {name} backend, "
+                               f"got query/key {E} and value {Ev} (the torch backend has no "
+                               "limit)")
+    if name == "cuda" and (E % 8 or Ev % 8):
+        if backends.forced() == "cuda":
+            raise _err(ValueError, f"the cuda backend supports head dims that are multiples of "
+                                   f"8 up to {MAX_HEAD_DIM}, got query/key {E} and value {Ev}")
+        name = "triton" if backends.available()["triton"]["cuda"][0] else "torch"
+    if mask is not None and mask.requires_grad:
+        name = "torch"
+    if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
+        name = "torch"
+    rng = _new_rng(dev) if dropout_p > 0.0 else None
+    if name == "torch":
+        out, _ = reference_attention_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale)
+    else:
+        if name == "triton":
+            triton_ops_ready()
+            op = torch.ops.fastlm.attention_fwd_triton
+        else:
+            op = torch.ops.fastlm.attention_fwd
+        out, _ = op(q, k, v, mask, rng, dropout_p, is_causal, scale)
+    return out.reshape(out_shape)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Attention over packed sequences of different lengths, with no padding computed.
+
+    q: (total_q, Hq, E), k: (total_k, Hk, E), v: (total_k, Hk, Ev); cu_seqlens_q/_k: int32 or
+    int64 (n + 1,) cumulative lengths starting at 0; sequence i is q[cu_q[i]:cu_q[i+1]]
+    attending to k[cu_k[i]:cu_k[i+1]]. Returns (total_q, Hq, Ev). is_causal is top-left within
+    each sequence, as in scaled_dot_product_attention.
+
+    Today each sequence runs as its own dense kernel call on a view of the packed tensors
+    (exact, no padding; one launch per sequence, and cu_seqlens are read on the host).
+    """
+    who = "fastlm.varlen_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"{who}: {name} must be a 3-D tensor (total, heads, head dim), got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if (not isinstance(t, Tensor) or t.dim() != 1 or t.numel() < 1
+                or t.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"{who}: {name} must be a 1-D int32/int64 tensor of n + 1 offsets")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{who}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for name, c, total, mx in (("cu_seqlens_q", cq, q.shape[0], max_seqlen_q),
+                               ("cu_seqlens_k", ck, k.shape[0], max_seqlen_k)):
+        if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"{who}: {name} must start at 0, be non-decreasing and end at "
+                             f"{total} (the packed length), got {c}")
+        if any(b - a > mx for a, b in zip(c, c[1:])):
+            raise ValueError(f"{who}: a sequence is longer than max_seqlen ({mx}) given for "
+                             f"{name}")
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"{who}: k and v must have the same total length, got {k.shape[0]} "
+                         f"and {v.shape[0]}")
+    outs = []
+    for i in range(len(cq) - 1):
+        qi = q[cq[i]:cq[i + 1]].transpose(0, 1)
+        ki = k[ck[i]:ck[i + 1]].transpose(0, 1)
+        vi = v[ck[i]:ck[i + 1]].transpose(0, 1)
+        oi = scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale, enable_gqa=enable_gqa)
+        outs.append(oi.transpose(0, 1))
+    if not outs:
+        return q.new_empty((0, q.shape[1], v.shape[2]))
+    return torch.cat(outs, 0)
