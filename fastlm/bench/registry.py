@@ -10,6 +10,8 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from .. import backends
 
 DIRECTIONS = ("forward", "backward")
@@ -31,6 +33,7 @@ class Impl:
     module: str | None = None  # kind "peer": the module it needs installed
     install: str | None = None  # kind "peer": the pip package providing `module`
     devices: tuple = ("cpu", "cuda")  # device types the implementation runs on
+    cpp_op: str | None = None  # kind "fastlm", cuda/cpu: the C++ op whose kernel it needs
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Case:
     bytes: Callable[[dict, str], int] | None = None  # (shape, direction) -> bytes moved
     flops: Callable[[dict, str], int] | None = None  # (shape, direction) -> FLOPs done
     x_axis: str = "N"  # the shape parameter on the plot's x axis
+    series: tuple = ()  # shape parameters that split a backend's points into several lines
     directions: tuple = DIRECTIONS
     notes: dict = field(default_factory=dict)  # free text carried into the JSON
 
@@ -94,6 +98,11 @@ def availability(impl, device_type):
         if impl.backend == "triton" and device_type == "cpu":
             return False, "Triton on CPU is its interpreter, not a performance path"
         ok, why = backends.available()[impl.backend].get(device_type, (False, "no kernels"))
+        if ok and impl.cpp_op and impl.backend in ("cuda", "cpu"):
+            key = "CUDA" if device_type == "cuda" else "CPU"
+            if not (hasattr(torch.ops.fastlm, impl.cpp_op.split("::")[-1])
+                    and torch._C._dispatch_has_kernel_for_dispatch_key(impl.cpp_op, key)):
+                return False, f"this build of fastlm._C has no {key} kernel for {impl.cpp_op}"
         return ok, why
     if impl.kind == "peer" and importlib.util.find_spec(impl.module) is None:
         return False, f"not installed (pip install {impl.install})"

@@ -15,6 +15,7 @@ COLUMNS = (
     ("pct_matmul", "% matmul", "{:.1f}"),
     ("x_torch", "x torch", "{:.2f}"),
     ("max_err", "max err", "{:.2e}"),
+    ("peak_mib", "peak MiB", "{:.0f}"),
 )
 
 
@@ -57,7 +58,7 @@ def render(report):
     for s in report["skipped"]:
         lines.append(f"skipped {s['op']} {s['backend']}: {s['reason']}")
     for (op, label, direction), rows in _groups(report["results"]).items():
-        cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+        cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
         lines += ["", f"{op} {direction}  {label}",
                   format_table([c[1] for c in cols],
                                [[_cell(fmt, r.get(key)) for key, _, fmt in cols] for r in rows])]
@@ -89,10 +90,14 @@ def write_plot(report, path):
         for col, direction in enumerate(directions):
             ax = axes[row][col]
             points = [r for r in report["results"] if r["op"] == op and r["direction"] == direction]
-            for backend in dict.fromkeys(r["backend"] for r in points):
+            def series(r):  # one line per implementation and per value of case.series
+                extra = ",".join(f"{k}={r['shape'][k]}" for k in case.series)
+                return f"{r['backend']} {extra}".strip()
+
+            for label in dict.fromkeys(series(r) for r in points):
                 mine = sorted((r["shape"][case.x_axis], r[key]) for r in points
-                              if r["backend"] == backend)
-                ax.plot(*zip(*mine), marker="o", label=backend)
+                              if series(r) == label)
+                ax.plot(*zip(*mine), marker="o", label=label)
             if key == "gbps":
                 ax.axhline(report["ceilings"]["copy_gbps"], color="gray", linestyle="--",
                            label="copy")
@@ -101,7 +106,8 @@ def write_plot(report, path):
             ax.set_xticks(xs, [str(x) for x in xs], minor=False)
             ax.minorticks_off()
             ax.set_ylim(bottom=0)
-            fixed = ", ".join(f"{k}={v}" for k, v in points[0]["shape"].items() if k != case.x_axis)
+            fixed = ", ".join(f"{k}={v}" for k, v in points[0]["shape"].items()
+                              if k != case.x_axis and k not in case.series)
             ax.set(title=f"{op} {direction} ({fixed})", xlabel=case.x_axis, ylabel=unit)
             ax.legend()
             ax.grid(True, alpha=0.3)

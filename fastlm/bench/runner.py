@@ -31,11 +31,21 @@ def _rates(case, shape, direction, ms, ceilings):
 def _measure(case, impl, inputs, shape, direction, expected, device, ceilings):
     """One result row: validate `impl` against the oracle's `expected`, then time it."""
     fn = impl.prepare(inputs, direction)
-    errors = max_abs_errors(fn(), expected, case.outputs[direction])
+    peak = None
+    if device.type == "cuda":  # memory the timed call allocates beyond what exists before it
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    outputs = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    errors = max_abs_errors(outputs, expected, case.outputs[direction])
+    del outputs
     ms = timing.time_fn(fn, device.type)
     return {"op": case.op, "direction": direction, "shape": dict(shape), "backend": impl.name,
             "kind": impl.kind, "ms": ms, **_rates(case, shape, direction, ms, ceilings),
-            "max_err": max(errors.values()), "errors": errors}
+            "max_err": max(errors.values()), "errors": errors, "peak_mib": peak}
 
 
 def _progress(total, enabled):
