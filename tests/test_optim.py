@@ -636,29 +636,68 @@ def test_master_weights_saved_in_state_dict():
     assert all(g["master_weights"] for g in sd["param_groups"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: load_state_dict casts master_param and the float32 moments to the param dtype "
-    "(torch.optim.Optimizer._process_value_according_to_param_policy casts floating state to "
-    "param.dtype; fastlm/optim/adam.py does not override it), so the float32 masters are lost "
-    "and the next step raises 'masters[0] must be float32, got BFloat16'"))
-def test_master_weights_restored_by_load_state_dict():
-    a, fl = _master_run("cpu")
-    sd = fl.state_dict()
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_master_weights_restored_by_load_state_dict(amsgrad):
+    """master_param and the float32 moments come back float32 and bit-identical (torch's
+    load_state_dict would cast them to bfloat16), and training continues identically."""
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": amsgrad, "master_weights": True}
+    a = leaves(tensors(SIZES, torch.bfloat16))
+    fl = fastlm.optim.AdamW(a, **kw)
+    _continue_sizes(fl, a, None, 3, 0)
     b = leaves([p.detach() for p in a])
-    fl2 = fastlm.optim.AdamW(b, lr=1e-2, master_weights=True)
-    fl2.load_state_dict(sd)
+    fl2 = fastlm.optim.AdamW(b, **kw)
+    fl2.load_state_dict(_saved(fl.state_dict()))
+    keys = ("master_param",) + MOMENTS[:2 + amsgrad]
     for p, q in zip(a, b):
-        for key in ("master_param", "exp_avg", "exp_avg_sq"):
+        assert set(fl2.state[q]) == set(fl.state[p])
+        for key in keys:
             assert fl2.state[q][key].dtype == torch.float32, key
             assert torch.equal(fl2.state[q][key], fl.state[p][key]), key
-    grads = tensors(SIZES, torch.bfloat16, seed=99)
-    set_grads(a, grads)
-    set_grads(b, grads)
-    fl.step()
-    fl2.step()
+    _continue_sizes(fl, a, None, 4, 99)
+    _continue_sizes(fl2, b, None, 4, 99)
     for p, q in zip(a, b):
         assert torch.equal(p, q)
-        assert torch.equal(fl2.state[q]["master_param"], fl.state[p]["master_param"])
+        for key in keys + ("step",):
+            assert torch.equal(fl2.state[q][key], fl.state[p][key]), key
+
+
+def _continue_sizes(opt, ps, backend, steps, seed):
+    for s in range(steps):
+        set_grads(ps, tensors(SIZES, ps[0].dtype, ps[0].device, seed=seed + s))
+        step(opt, backend)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_master_weights_checkpoint_from_torch(backend, device):
+    """A torch.optim checkpoint of bfloat16 params (bfloat16 moments, no master) loads into
+    master_weights=True: the moments are widened to float32, the master is the param, and the
+    run continues as torch's float32 AdamW from the same (widened) state."""
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}
+    src = leaves(tensors(SIZES, torch.bfloat16, device))
+    torch_opt = torch.optim.AdamW(src, fused=True, **kw)
+    _continue_sizes(torch_opt, src, None, 3, 0)
+    sd = torch_opt.state_dict()
+    a = leaves([p.detach() for p in src])
+    fl = fastlm.optim.AdamW(a, master_weights=True, **kw)
+    fl.load_state_dict(_saved(sd))
+    ref_ps = leaves([p.detach().float() for p in src])
+    ref = torch.optim.AdamW(ref_ps, fused=True, **kw)
+    ref.load_state_dict(_saved(sd))  # casts the moments to float32, exactly
+    for s in range(5):
+        grads = tensors(SIZES, torch.bfloat16, device, seed=300 + s)
+        set_grads(a, grads)
+        set_grads(ref_ps, [g.float() for g in grads])
+        step(fl, backend)
+        ref.step()
+    for p, q in zip(a, ref_ps):
+        st = fl.state[p]
+        assert set(st) == set(ref.state[q]) | {"master_param"}
+        assert float(st["step"]) == float(ref.state[q]["step"]) == 8
+        for key in MOMENTS:
+            assert st[key].dtype == torch.float32, key
+            torch.testing.assert_close(st[key], ref.state[q][key], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(st["master_param"], q.detach(), rtol=RTOL, atol=ATOL)
+        _assert_param_is_rounded_master(p, st["master_param"], backend)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,8 +109,12 @@ def _expand_kv(t, hq):
 def _probs(q, k, mask, is_causal, scale, ct):
     s = _scores(q, _expand_kv(k, q.shape[1]), mask, is_causal, scale, ct)
     lse = torch.logsumexp(s, dim=-1)
-    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    return torch.exp(s - lse.unsqueeze(-1)), lse
+    empty = torch.isneginf(lse)
+    lse = torch.where(empty, torch.full_like(lse, float("inf")), lse)
+    # softmax (max-subtracted) rather than exp(s - lse): as precise as torch's own when the
+    # scores are large; empty rows (all -inf, softmax NaN) become zeros.
+    p = torch.softmax(s, dim=-1)
+    return torch.where(empty.unsqueeze(-1), torch.zeros_like(p), p), lse
 
 
 def _dropped(p, q, S, rng, dropout_p, ct):
@@ -218,12 +222,14 @@ if hasattr(torch.ops.fastlm, "attention_fwd"):
     _C_OPS = True
 
 
+# Whether fastlm._C registered attention kernels per device type (csrc/{cpu,cuda}); looked up
+# once here so that torch.compile traces a dict lookup, not a dispatcher query.
+_KERNELS = {t: _C_OPS and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastlm::attention_fwd", t.upper()) for t in ("cpu", "cuda")}
+
+
 def _has_kernel(device_type):
-    """Whether fastlm._C registered attention kernels for this device (csrc/{cpu,cuda})."""
-    if not _C_OPS:
-        return False
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastlm::attention_fwd", key)
+    return _KERNELS.get(device_type, False)
 
 
 def _register_triton_ops():
