@@ -68,7 +68,7 @@ def extensions():
         archs = _buildcfg.resolve_archs(os.environ)
         print(f"fastlm: CUDA toolkit {cuda_home}; building CUDA kernels for {','.join(archs)}",
               file=sys.stderr)
-        sources += ["csrc/cuda/layer_norm.cu", "csrc/cuda/adam.cu"]
+        sources += ["csrc/cuda/layer_norm.cu", "csrc/cuda/adam.cu", "csrc/cuda/attention.cu"]
         nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                 "--expt-relaxed-constexpr", *_buildcfg.gencode_flags(archs)]
         if os.environ.get("FASTLM_PTXAS_VERBOSE"):
