@@ -113,8 +113,10 @@ def _probs(q, k, mask, is_causal, scale, ct):
     lse = torch.where(empty, torch.full_like(lse, float("inf")), lse)
     # softmax (max-subtracted) rather than exp(s - lse): as precise as torch's own when the
     # scores are large; empty rows (all -inf, softmax NaN) become zeros.
-    p = torch.softmax(s, dim=-1)
-    return torch.where(empty.unsqueeze(-1), torch.zeros_like(p), p), lse
+    # (an empty row is softmaxed as zeros first, so no NaN reaches autograd either)
+    e = empty.unsqueeze(-1)
+    p = torch.softmax(torch.where(e, torch.zeros_like(s), s), dim=-1)
+    return torch.where(e, torch.zeros_like(p), p), lse
 
 
 def _dropped(p, q, S, rng, dropout_p, ct):
