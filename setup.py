@@ -22,7 +22,8 @@ import _buildcfg  # noqa: E402  (fastlm/_buildcfg.py: shared with `fastlm compil
 sys.path.pop(0)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.optim", "fastlm.bench", "fastlm.kernels"]
+PACKAGES = ["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.optim", "fastlm.models", "fastlm.bench",
+            "fastlm.kernels"]
 PACKAGE_DIR = {"fastlm.kernels": "kernels"}
 
 

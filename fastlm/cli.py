@@ -1,8 +1,9 @@
-"""The `fastlm` command: `fastlm info`, `fastlm bench`, `fastlm compile`.
+"""The `fastlm` command: `fastlm info`, `fastlm bench`, `fastlm compile`, `fastlm train`.
 
     fastlm info                                      versions, build, backends on this machine
     fastlm bench [OPS...] [--device cpu|cuda] [--quick] [--json PATH] [--plot PATH]
     fastlm compile --arch sm_90 [...]                see `fastlm compile --help`
+    fastlm train [--data PATH] [--steps N] [...]     a byte-level GPT; see `fastlm train --help`
 
 Everything beyond argparse (torch, fastlm, rich, matplotlib) is imported by the subcommand
 that needs it.
@@ -84,10 +85,69 @@ def compile_(rest):
     return fc.main(rest)
 
 
+def train(args):
+    """Train a byte-level GPT (fastlm/train.py)."""
+    from fastlm import train as ft
+
+    return ft.run(args)
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_train_arguments(p):
+    """The options of `fastlm train` (their meaning: fastlm/train.py)."""
+    p.add_argument("--data", metavar="PATH",
+                   help="a text file, read as bytes (default: the Python standard library's own "
+                        "source, up to 4 MiB)")
+    p.add_argument("--steps", type=_positive, default=500,
+                   help="optimizer steps; the learning-rate schedule spans them (default 500)")
+    p.add_argument("--stop-after", type=_positive, metavar="N",
+                   help="stop after N steps of this run, saving a checkpoint; --resume continues")
+    p.add_argument("--batch-size", type=_positive, default=16, help="sequences per step (16)")
+    p.add_argument("--block-size", type=_positive, help="tokens per sequence (128)")
+    p.add_argument("--n-layer", type=_positive, help="transformer blocks (4)")
+    p.add_argument("--n-head", type=_positive, help="attention heads (4)")
+    p.add_argument("--n-embd", type=_positive, help="model width (128)")
+    p.add_argument("--dropout", type=float, help="dropout probability (0.0)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
+    p.add_argument("--warmup", type=int, metavar="STEPS",
+                   help="linear warm-up steps (default: a tenth of --steps, at most 100)")
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW weight decay on matmul weights and embeddings (0.1)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the global gradient norm to this (1.0; 0: no clipping)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when a GPU is visible)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "fp32", "bf16"),
+                   help="bfloat16: bf16 autocast, float32 master weights (default: bfloat16 on "
+                        "cuda, float32 on cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--eval-every", type=int, default=100, metavar="STEPS",
+                   help="evaluate on the held-out 10%% (and checkpoint) every this many steps "
+                        "(100; 0: only at the end)")
+    p.add_argument("--eval-iters", type=_positive, default=10,
+                   help="batches per evaluation (10)")
+    p.add_argument("--out", metavar="DIR",
+                   help="write checkpoints to DIR/ckpt.pt (at each evaluation, the end, Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/ckpt.pt (--out)")
+    p.add_argument("--sample-tokens", type=int, default=200, metavar="N",
+                   help="bytes to sample from the model at the end (200; 0: none)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (1337)")
+    p.add_argument("--compare", choices=("torch",),
+                   help="also train the same model built from torch.nn modules with "
+                        "torch.optim.AdamW, from the same init, and print both")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser():
     """The argparse parser of the `fastlm` command."""
     parser = argparse.ArgumentParser(prog="fastlm", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,compile}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{info,bench,compile,train}")
     p = sub.add_parser("info", help="versions, build and which backends work here")
     p.set_defaults(func=info)
     p = sub.add_parser("bench", help="benchmark ops against PyTorch and peers")
@@ -102,6 +162,10 @@ def build_parser():
     p.set_defaults(func=bench, error=p.error)
     sub.add_parser("compile", add_help=False,
                    help="build the kernels for chosen GPU archs (fastlm compile --help)")
+    p = sub.add_parser("train", help="train a byte-level GPT on a text file (no download)",
+                       description="Train fastlm.models.GPT on a text file read as bytes.")
+    _add_train_arguments(p)
+    p.set_defaults(func=train)
     return parser
 
 

@@ -29,11 +29,13 @@ class Impl:
     name: str  # row label: "fastlm-cuda", "torch", "liger"
     kind: str  # "fastlm", "torch" or "peer"
     prepare: Callable[[dict, str], Callable[[], tuple]]
-    backend: str | None = None  # kind "fastlm": the fastlm backend it times
+    backend: str | None = None  # kind "fastlm": the fastlm backend it times (None: fastlm's
+    # automatic choice for each op, as for a whole model)
     module: str | None = None  # kind "peer": the module it needs installed
     install: str | None = None  # kind "peer": the pip package providing `module`
     devices: tuple = ("cpu", "cuda")  # device types the implementation runs on
     cpp_op: str | None = None  # kind "fastlm", cuda/cpu: the C++ op whose kernel it needs
+    quick_devices: tuple = ("cpu", "cuda")  # device types where --quick runs it too
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class Case:
     series: tuple = ()  # shape parameters that split a backend's points into several lines
     directions: tuple = DIRECTIONS
     notes: dict = field(default_factory=dict)  # free text carried into the JSON
+    tokens: Callable[[dict], int] | None = None  # shape -> tokens per call (a tokens/s column)
+    total_peak: bool = False  # CUDA peak memory: all allocated (True) or added by the call
 
     def shape_list(self, device_type, quick):
         """The shapes to run on `device_type`; empty when the op has none for it."""
@@ -94,6 +98,8 @@ def availability(impl, device_type):
     """(ok, reason) for timing `impl` on `device_type` here."""
     if device_type not in impl.devices:
         return False, f"runs on {' and '.join(impl.devices)} only"
+    if impl.kind == "fastlm" and impl.backend is None:
+        return True, ""
     if impl.kind == "fastlm":
         if impl.backend == "triton" and device_type == "cpu":
             return False, "Triton on CPU is its interpreter, not a performance path"

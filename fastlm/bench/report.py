@@ -9,6 +9,7 @@ from . import registry
 COLUMNS = (
     ("backend", "backend", "{}"),
     ("ms", "ms", "{:.4f}"),
+    ("tokens_s", "tokens/s", "{:,.0f}"),
     ("gbps", "GB/s", "{:.1f}"),
     ("pct_copy", "% copy", "{:.1f}"),
     ("tflops", "TFLOP/s", "{:.2f}"),
@@ -90,6 +91,9 @@ def write_plot(report, path):
         for col, direction in enumerate(directions):
             ax = axes[row][col]
             points = [r for r in report["results"] if r["op"] == op and r["direction"] == direction]
+            if not points:  # this op has no such direction
+                ax.axis("off")
+                continue
             def series(r):  # one line per implementation and per value of case.series
                 extra = ",".join(f"{k}={r['shape'][k]}" for k in case.series)
                 return f"{r['backend']} {extra}".strip()

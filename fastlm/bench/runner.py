@@ -25,6 +25,8 @@ def _rates(case, shape, direction, ms, ceilings):
         flops = case.flops(shape, direction)
         rates.update(flops=flops, tflops=flops / ms / 1e9)
         rates["pct_matmul"] = 100 * rates["tflops"] / ceilings["matmul_tflops"]
+    if case.tokens:
+        rates["tokens_s"] = case.tokens(shape) / ms * 1e3
     return rates
 
 
@@ -35,7 +37,7 @@ def _measure(case, impl, inputs, shape, direction, expected, device, ceilings):
     if device.type == "cuda":  # memory the timed call allocates beyond what exists before it
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+        base = 0 if case.total_peak else torch.cuda.memory_allocated(device)
     outputs = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -65,6 +67,10 @@ def plan(ops, device_type, quick):
         case = registry.get(op)
         impls, why_not = registry.split_available(case, device_type)
         skipped += [{"op": op, "backend": name, "reason": why} for name, why in why_not]
+        if quick:
+            skipped += [{"op": op, "backend": i.name, "reason": f"not in --quick on {device_type}"}
+                        for i in impls if device_type not in i.quick_devices]
+            impls = [i for i in impls if device_type in i.quick_devices]
         planned.append((case, case.shape_list(device_type, quick), impls))
     return planned, skipped
 
