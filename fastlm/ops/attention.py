@@ -3,7 +3,8 @@ fake kernels and autograd for the C++ ops, the Triton custom ops, and the public
 `scaled_dot_product_attention` and `varlen_attention`.
 
 Semantics are those of torch.nn.functional.scaled_dot_product_attention, with one deliberate
-difference: a query row that may attend to no key gives zeros (and zero gradients), not NaN.
+difference: a query row that may attend to no key gives zeros (and zero gradients) on every
+backend, where torch gives NaN on some of its paths (its math path, several CUDA kernels).
 Dropout uses fastlm's own counter-based bits (Philox4x32-10, docs/attention.md), identical on
 every backend and regenerated in the backward; the seed is drawn from torch's generator for
 the tensors' device, so results are reproducible under torch.manual_seed.
@@ -366,7 +367,7 @@ def _canonical(query, key, value, attn_mask, enable_gqa):
 
 def _new_rng(device):
     """(seed, offset) for the dropout bits, drawn from torch's generator for `device`."""
-    return torch.empty(2, dtype=torch.int64, device=device).random_()
+    return torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, device=device)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -374,7 +375,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """torch.nn.functional.scaled_dot_product_attention on fastlm's fused kernels.
 
     Same arguments, broadcasting and result, except that a query row that may attend to no key
-    gives zeros (and zero gradients) instead of NaN. Dropout bits come from fastlm's Philox
+    gives zeros (and zero gradients) on every backend (torch gives NaN on some of its paths). Dropout bits come from fastlm's Philox
     stream (docs/attention.md), seeded from torch's generator. float64 runs on the reference; a
     floating attn_mask that requires grad runs on the reference (the kernels do not compute the
     mask's gradient). Head dims up to 256.
