@@ -91,14 +91,16 @@ def _compiling_for(target, cache_dir):
                 os.environ["TRITON_CACHE_DIR"] = saved_env
 
 
-def triton_specs(dtypes, sizes):
-    """Every (kernel, args, meta) to compile: each op's kernels module lists its own."""
+def triton_specs(dtypes, sizes, cc=90):
+    """Every (kernel, args, meta) to compile for compute capability `cc` (e.g. 90): each op's
+    kernels module lists its own (attention picks its tiles per arch)."""
     import torch
 
-    from .kernels import adam, layer_norm
+    from .kernels import adam, attention, layer_norm
 
     tdt = [getattr(torch, d) for d in dtypes]
-    return layer_norm.aot_specs(tdt, sizes) + adam.aot_specs(tdt, sizes)
+    return (layer_norm.aot_specs(tdt, sizes) + adam.aot_specs(tdt, sizes)
+            + attention.aot_specs(tdt, sizes, cc))
 
 
 def compile_triton(archs, cache_dir, dtypes, sizes, log):
@@ -106,11 +108,11 @@ def compile_triton(archs, cache_dir, dtypes, sizes, log):
     Returns the number of kernels compiled (or found already compiled)."""
     from triton.backends.compiler import GPUTarget
 
-    specs = triton_specs(dtypes, sizes)
     done = 0
     for arch in archs:
         cc = int(arch[3:].rstrip("af"))
         target = GPUTarget("cuda", cc, 32)
+        specs = triton_specs(dtypes, sizes, cc)
         t0 = time.perf_counter()
         with _compiling_for(target, cache_dir):
             for kernel, args, meta in specs:

@@ -48,11 +48,13 @@ def test_compile_sm80_sm90_without_gpu(tmp_path):
         assert ".sm_80." in elf and ".sm_90." in elf, elf
 
     # Triton, for each arch: LayerNorm forward and backward per size and one column sum (5);
-    # AdamW plain, clipped, scaled, scaled and clipped, and the sum of squares (5).
+    # AdamW plain, clipped, scaled, scaled and clipped, and the sum of squares (5); attention
+    # forward, dk/dv and dq, causal and not, for head dims 64 and 128 (12), and the
+    # D = rowsum(dO * O) pass per head dim (2).
     cache = str(out / "triton")
     archs = _triton_cubin_archs(cache)
-    assert archs.count(80) == 10 and archs.count(90) == 10, archs
-    assert len(glob.glob(os.path.join(cache, "*", "*.cubin"))) == 20
+    assert archs.count(80) == 24 and archs.count(90) == 24, archs
+    assert len(glob.glob(os.path.join(cache, "*", "*.cubin"))) == 48
 
     # The extension loads from there (FASTLM_EXT_DIR) and reports its archs.
     env = dict(os.environ, FASTLM_EXT_DIR=str(out / "ext"))

@@ -1,0 +1,886 @@
+"""Fused scaled-dot-product attention in Triton: forward and backward (FlashAttention-2).
+
+Shipped as fastlm.kernels.attention. No autograd here: fastlm/ops/attention.py wraps `forward`
+and `backward` in torch.library.triton_op. The semantics, including the dropout bits, are the
+contract of docs/attention.md; the canonical arguments are q (B, Hq, L, E), k (B, Hk, S, E),
+v (B, Hk, S, Ev) with unit last-dim stride, an optional (B, Hq, L, S) mask view (any strides,
+bool or float) and an optional int64 (seed, offset) tensor on the device.
+
+Structure (1-D grids, so no grid dimension limits B * H; the blocks of one head are adjacent):
+  _attn_fwd      cdiv(L, BLOCK_M) * B * Hq programs. One query block per program, key blocks
+                 streamed through an online softmax in base 2 (log2(e) folded into the scale);
+                 out and the natural-log lse (float32) written once. Causal programs stop at
+                 the diagonal (and run longest-first); only the blocks that need it (the
+                 diagonal and the ragged key tail) pay for the causal/bounds select.
+  _attn_bwd_pre  D = rowsum(dO * O) per query row (float32).
+  _attn_bwd_dkdv cdiv(S, BLOCK_N) * B * Hk programs. One key block per program; for GQA the
+                 program walks the Hq / Hk query heads of its group, so dk and dv are summed in
+                 registers in a fixed order: no atomics, the same bits every run.
+  _attn_bwd_dq   cdiv(L, BLOCK_M) * B * Hq programs. One query block per program over its keys.
+Tiles per kernel, head dim, dtype and arch come from a small table (_CONFIGS) checked with
+ptxas for spills; short sequences shrink the tiles to the sequence.
+
+Dropout: Philox4x32-10 in uint32 arithmetic (tl.umulhi for the high half), one call per query
+row and group of 8 keys, evaluated on a [BLOCK_M, BLOCK_N // 8] grid; the four output words
+are split in 16-bit halves and spread to [BLOCK_M, BLOCK_N] with tl.join + reshape (key
+8g + lane takes half lane & 1 of word lane >> 1). The dk/dv kernel, which works on transposed
+tiles, transposes the keep mask.
+
+Empty rows (every score -inf) give out 0 and lse +inf in the forward, hence p = 0 and zero
+gradients in the backward; the running max is replaced by 0 while it is -inf so that no
+exp2(-inf - -inf) appears.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from fastlm.ops.attention import dropout_scale, dropout_threshold
+
+LOG2E = 1.4426950408889634  # scores go to base 2; the kernels spell it out as a literal
+
+_MASK_NONE, _MASK_BOOL, _MASK_FLOAT = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared device helpers.
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # acc + a @ b. IEEE = 1: float32 inputs in true float32 (no TF32). IEEE = 2: bfloat16
+    # inputs widened to float32 first (exact products, as on tensor cores), used only under the
+    # Triton interpreter, whose tl.dot multiplies bfloat16 bit patterns as integers
+    # (triton-lang/triton#11584). 0: the dtype's tensor-core dot.
+    if IEEE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE == 1:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _philox_key(Rng):
+    # (key word 0, key word 1, counter word 3) from the device's int64 (seed, offset).
+    seed = tl.load(Rng)
+    offset = tl.load(Rng + 1)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return k0, k1, (offset & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
+def _philox_keep(
+    key,  # (k0, k1, offset) from _philox_key
+    bh,  # b * Hq + h: the query head (counter word 2)
+    offs_m,  # [BLOCK_M] query rows (counter word 1)
+    n0,  # first key of the block, a multiple of 8 (counter word 0 = key >> 3)
+    thresh,  # keep iff the key's 16 random bits >= thresh
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # The [BLOCK_M, BLOCK_N] keep mask of docs/attention.md: Philox4x32-10 with counter
+    # (key >> 3, row, bh, offset) and key (seed lo, seed hi), evaluated once per group of 8 keys.
+    G: tl.constexpr = BLOCK_N // 8
+    k0, k1, offset = key
+    zero = tl.zeros([BLOCK_M, G], dtype=tl.uint32)
+    c0 = zero + ((n0 // 8) + tl.arange(0, G)).to(tl.uint32)[None, :]
+    c1 = zero + offs_m.to(tl.uint32)[:, None]
+    c2 = zero + bh.to(tl.uint32)
+    c3 = zero + offset
+    m0 = tl.full([BLOCK_M, G], 0xD2511F53, tl.uint32)
+    m1 = tl.full([BLOCK_M, G], 0xCD9E8D57, tl.uint32)
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(m0, c0)
+        lo0 = m0 * c0
+        hi1 = tl.umulhi(m1, c2)
+        lo1 = m1 * c2
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    # w[..., a, b] = x[2a + b] (word lane >> 1); then the 16-bit half lane & 1 goes last.
+    w = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+    r16 = tl.join(w & 0xFFFF, w >> 16)
+    r16 = tl.reshape(r16, [BLOCK_M, BLOCK_N])
+    return r16 >= thresh.to(tl.uint32)
+
+
+@triton.jit
+def _scores(
+    s,  # [BLOCK_M, BLOCK_N] float32 q.k, unscaled
+    Mask_blk,  # the mask at (b, h, first row, first key) of the tile; unused unless MASK
+    stride_mm, stride_mn,  # mask strides along rows and keys
+    offs_m,  # [BLOCK_M] query rows
+    offs_n,  # [BLOCK_N] keys
+    L, S,
+    qk_scale,  # scale * log2(e)
+    MASK: tl.constexpr,  # _MASK_NONE / _MASK_BOOL / _MASK_FLOAT
+    CAUSAL: tl.constexpr,  # apply j <= i here
+    BOUNDS: tl.constexpr,  # apply j < S here
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Scores in base 2: (scale * q.k + m) * log2(e), -inf where the key may not be attended.
+    s = s * qk_scale
+    if MASK != 0:
+        mvalid = (offs_m < L)[:, None] & (offs_n < S)[None, :]
+        tile = (tl.arange(0, BLOCK_M)[:, None] * stride_mm
+                + tl.arange(0, BLOCK_N)[None, :] * stride_mn)
+        mk = tl.load(Mask_blk + tile, mask=mvalid, other=0)
+        if MASK == 1:
+            s = tl.where(mk != 0, s, float("-inf"))
+        else:
+            s = s + mk.to(tl.float32) * 1.4426950408889634
+    if CAUSAL:
+        if BOUNDS:
+            s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n < S)[None, :], s,
+                         float("-inf"))
+        else:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    elif BOUNDS:
+        s = tl.where((offs_n < S)[None, :], s, float("-inf"))
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i,  # running output, row sum, row max (base 2)
+    q,  # [BLOCK_M, BLOCK_E] query tile
+    K_head, V_head,  # this head's k and v
+    stride_kn, stride_vn,
+    Mask_m,  # the mask at (b, h, first row, 0); unused unless MASK
+    stride_mm, stride_mn, key, bh,
+    offs_m, L, S, qk_scale, drop_thresh,
+    lo, hi,  # keys [lo, hi), lo a multiple of BLOCK_N
+    HEAD_E: tl.constexpr, HEAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    rows = tl.arange(0, BLOCK_N)
+    k_tile = rows[:, None] * stride_kn + offs_e[None, :]
+    v_tile = rows[:, None] * stride_vn + offs_ev[None, :]
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + rows
+        kv_rows = offs_n < S
+        n64 = tl.cast(n0, tl.int64)
+        k = tl.load(K_head + n64 * stride_kn + k_tile,
+                    mask=kv_rows[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        s = _scores(s, Mask_m + n64 * stride_mn, stride_mm, stride_mn, offs_m, offs_n, L, S,
+                    qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(V_head + n64 * stride_vn + v_tile,
+                    mask=kv_rows[:, None] & (offs_ev < HEAD_EV)[None, :], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "drop_thresh"])
+def _attn_fwd(
+    Q,  # (B, Hq, L, E), last stride 1
+    K,  # (B, Hk, S, E), last stride 1
+    V,  # (B, Hk, S, Ev), last stride 1
+    Mask,  # (B, Hq, L, S) bool or float view, any strides; unused unless MASK
+    Rng,  # int64 (seed, offset); unused unless DROPOUT
+    Out,  # (B, Hq, L, Ev) contiguous, q's dtype
+    Lse,  # (B, Hq, L) contiguous float32, natural log
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,  # mask strides (0 for broadcast dims)
+    Hq,  # query heads
+    group,  # Hq // Hk: query heads per key/value head
+    L,  # query length
+    S,  # key length
+    qk_scale,  # scale * log2(e)
+    drop_thresh,  # dropout_threshold(dropout_p)
+    drop_scale,  # dropout_scale(dropout_p), float32
+    HEAD_E: tl.constexpr,  # E
+    HEAD_EV: tl.constexpr,  # Ev
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per step
+    BLOCK_E: tl.constexpr,  # E padded to a power of two >= 16
+    BLOCK_EV: tl.constexpr,  # Ev padded likewise
+    MASK: tl.constexpr,  # _MASK_NONE / _MASK_BOOL / _MASK_FLOAT
+    IS_CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 inputs: exact float32 dots
+):
+    # One program per (query block, b * Hq + h); the query blocks of a head are adjacent so
+    # they share its k and v in L2. Causal: the longest rows first (fewer stragglers).
+    num_m = tl.cdiv(L, BLOCK_M)
+    bh = tl.program_id(0) // num_m
+    pid_m = tl.program_id(0) % num_m
+    if IS_CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    hk = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+    key = (0, 0, 0)
+    if DROPOUT:
+        key = _philox_key(Rng)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    row_ok = offs_m < L
+
+    q_ptrs = (Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
+              + offs_e[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
+    K_head = K + b * stride_kb + hk * stride_kh
+    V_head = V + b * stride_vb + hk * stride_vh
+    Mask_m = Mask
+    if MASK != 0:
+        Mask_m = Mask + b * stride_mb + h * stride_mh + tl.cast(m0, tl.int64) * stride_mm
+
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # Key blocks that need no causal or bounds select, then the ones that do.
+    full_hi = (S // BLOCK_N) * BLOCK_N
+    hi = S
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(S, m0 + BLOCK_M)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_vn, Mask_m, stride_mm, stride_mn, key,
+        bh, offs_m, L, S, qk_scale, drop_thresh, 0, full_hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N,
+        BLOCK_E, BLOCK_EV, MASK, False, False, DROPOUT, IEEE)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_vn, Mask_m, stride_mm, stride_mn, key,
+        bh, offs_m, L, S, qk_scale, drop_thresh, full_hi, hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N,
+        BLOCK_E, BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE)
+
+    # out = acc / l (times the keep scale); lse = ln 2 * (m + log2 l); empty rows: 0, +inf.
+    empty = l_i == 0.0
+    inv = 1.0 / tl.where(empty, 1.0, l_i)
+    if DROPOUT:
+        inv = inv * drop_scale
+    out = acc * inv[:, None]
+    lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    lse = tl.where(empty, float("inf"), lse)
+    row64 = bh.to(tl.int64) * L + offs_m
+    o_ptrs = Out + row64[:, None] * HEAD_EV + offs_ev[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_ev < HEAD_EV)[None, :])
+    tl.store(Lse + row64, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward.
+#
+# With p_ij = exp(s_ij - lse_i) recomputed from the saved lse (base 2 in the kernels:
+# p = exp2(s2 - lse * log2(e))), z_ij the keep bit and r the keep scale:
+#   D_i    = sum_e dO_ie * O_ie                                  (_attn_bwd_pre)
+#   dV_j  += sum_i p_ij z_ij r dO_i                              (_attn_bwd_dkdv)
+#   dP_ij  = <dO_i, V_j> z_ij r
+#   dS_ij  = p_ij (dP_ij - D_i)
+#   dK_j  += scale * sum_i dS_ij Q_i                             (_attn_bwd_dkdv)
+#   dQ_i   = scale * sum_j dS_ij K_j                             (_attn_bwd_dq)
+# (D_i = sum_j p_ij z_ij r dP'_ij with dP' = <dO_i, V_j>, which is why dS needs no row sum.)
+# The dk/dv kernel holds K_j, V_j and their gradients in registers and streams query blocks,
+# computing the transposed tiles s^T = K Q^T, p^T, dP^T = V dO^T so that every accumulation is
+# a plain [BLOCK_N, *] dot; for GQA it streams the query blocks of each head of its group in
+# turn. The dq kernel holds Q_i, dO_i and streams key blocks. Both recompute the same p bits.
+# Every sum runs in a fixed order (float32), so the gradients are bit-reproducible. Empty rows
+# have lse = +inf, so p = 0 and they contribute nothing; rows past L load lse = +inf too. In
+# the dk/dv kernel the padded keys past S (zero k, v) are not masked: whatever p^T they get
+# stays in their own rows of dk and dv, which are never stored.
+
+
+@triton.jit(do_not_specialize=["L"])
+def _attn_bwd_pre(
+    Out,  # (B, Hq, L, Ev) contiguous
+    DO,  # (B, Hq, L, Ev) grad of out, last stride 1
+    Delta,  # (B, Hq, L) float32: D
+    stride_dob, stride_doh, stride_dom,
+    Hq,  # query heads
+    L,  # query length
+    HEAD_EV: tl.constexpr,  # Ev
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_EV: tl.constexpr,  # Ev padded to a power of two
+):
+    # D_i = sum_e dO_ie * O_ie in float32.
+    num_m = tl.cdiv(L, BLOCK_M)
+    bh = tl.program_id(0) // num_m
+    pid_m = tl.program_id(0) % num_m
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    msk = (offs_m < L)[:, None] & (offs_ev < HEAD_EV)[None, :]
+    row64 = bh.to(tl.int64) * L + offs_m
+    o = tl.load(Out + row64[:, None] * HEAD_EV + offs_ev[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh
+                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_ev[None, :], mask=msk,
+                 other=0.0)
+    d = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + row64, d, mask=offs_m < L)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv,  # [BLOCK_N, BLOCK_E], [BLOCK_N, BLOCK_EV] float32 accumulators
+    k, v,  # this program's key and value tiles
+    Q_head, DO_head,  # the query head's q and grad_out
+    stride_qm, stride_dom,
+    Lse_head, Delta_head,  # the query head's lse and D (contiguous rows)
+    Mask_n,  # the mask at (b, h, 0, first key); unused unless MASK
+    stride_mm, stride_mn, key, bh,
+    n0, offs_n,  # this program's first key and its keys
+    L, S, qk_scale, drop_thresh, drop_scale,
+    lo, hi,  # query rows [lo, hi), lo a multiple of BLOCK_M
+    HEAD_E: tl.constexpr, HEAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+):
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    rows = tl.arange(0, BLOCK_M)
+    q_tile = rows[:, None] * stride_qm + offs_e[None, :]
+    do_tile = rows[:, None] * stride_dom + offs_ev[None, :]
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + rows
+        row_ok = offs_m < L
+        m64 = tl.cast(m0, tl.int64)
+        q = tl.load(Q_head + m64 * stride_qm + q_tile,
+                    mask=row_ok[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
+        lse2 = tl.load(Lse_head + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        # s^T = K Q^T in base 2, then the mask, read transposed.
+        sT = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE)
+        sT = sT * qk_scale
+        if MASK != 0:
+            tile = (tl.arange(0, BLOCK_N)[:, None] * stride_mn
+                    + tl.arange(0, BLOCK_M)[None, :] * stride_mm)
+            mk = tl.load(Mask_n + m64 * stride_mm + tile,
+                         mask=row_ok[None, :] & (offs_n < S)[:, None], other=0)
+            if MASK == 1:
+                sT = tl.where(mk != 0, sT, float("-inf"))
+            else:
+                sT = sT + mk.to(tl.float32) * 1.4426950408889634
+        if CAUSAL:
+            sT = tl.where(offs_m[None, :] >= offs_n[:, None], sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse2[None, :])
+        do = tl.load(DO_head + m64 * stride_dom + do_tile,
+                     mask=row_ok[:, None] & (offs_ev < HEAD_EV)[None, :], other=0.0)
+        Di = tl.load(Delta_head + offs_m, mask=row_ok, other=0.0)
+        # dV += (p z r)^T dO ; dP^T = (V dO^T) z r
+        dpT = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE)
+        if DROPOUT:
+            keepT = tl.trans(_philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M,
+                                          BLOCK_N))
+            pdT = tl.where(keepT, pT * drop_scale, 0.0)
+            dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+        else:
+            pdT = pT
+        dv = _dot(pdT.to(do.dtype), do, dv, IEEE)
+        # dS^T = p^T (dP^T - D) ; dK += dS^T Q (scale applied once at the end)
+        dsT = pT * (dpT - Di[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["Hq", "Hk", "group", "L", "S", "drop_thresh"])
+def _attn_bwd_dkdv(
+    Q,  # (B, Hq, L, E), last stride 1
+    K,  # (B, Hk, S, E), last stride 1
+    V,  # (B, Hk, S, Ev), last stride 1
+    DO,  # (B, Hq, L, Ev) grad of out, last stride 1
+    Lse,  # (B, Hq, L) float32 from the forward
+    Delta,  # (B, Hq, L) float32 from _attn_bwd_pre
+    Mask,  # (B, Hq, L, S) view; unused unless MASK
+    Rng,  # int64 (seed, offset); unused unless DROPOUT
+    DK,  # (B, Hk, S, E) contiguous, k's dtype
+    DV,  # (B, Hk, S, Ev) contiguous, v's dtype
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq,  # query heads
+    Hk,  # key/value heads
+    group,  # Hq // Hk
+    L,  # query length
+    S,  # key length
+    qk_scale,  # scale * log2(e)
+    scale,  # the softmax scale (dK = scale * dS^T Q)
+    drop_thresh,  # dropout_threshold(dropout_p)
+    drop_scale,  # dropout_scale(dropout_p)
+    HEAD_E: tl.constexpr,
+    HEAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per step
+    BLOCK_N: tl.constexpr,  # keys per program
+    BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # One program per (key block, b * Hk + hk); causal work shrinks with the key index, so the
+    # natural order already starts the longest programs first.
+    num_n = tl.cdiv(S, BLOCK_N)
+    bhk = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    b = bhk // Hk
+    hk = bhk % Hk
+    b64 = b.to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    n_ok = offs_n < S
+    n64 = offs_n[:, None].to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + n64 * stride_kn
+                + offs_e[None, :], mask=n_ok[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + n64 * stride_vn
+                + offs_ev[None, :], mask=n_ok[:, None] & (offs_ev < HEAD_EV)[None, :],
+                other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
+    key = (0, 0, 0)
+    if DROPOUT:
+        key = _philox_key(Rng)
+
+    # Causal: rows below the first diagonal block need no select; rows above it see no key.
+    lo = 0
+    mid = 0
+    if IS_CAUSAL:
+        lo = (n0 // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M), tl.cdiv(L, BLOCK_M)) * BLOCK_M
+        mid = tl.maximum(mid, lo)
+    for g in range(group):
+        h = hk * group + g
+        bh = b * Hq + h
+        h64 = h.to(tl.int64)
+        Q_head = Q + b64 * stride_qb + h64 * stride_qh
+        DO_head = DO + b64 * stride_dob + h64 * stride_doh
+        Lse_head = Lse + bh.to(tl.int64) * L
+        Delta_head = Delta + bh.to(tl.int64) * L
+        Mask_n = Mask
+        if MASK != 0:
+            Mask_n = (Mask + b64 * stride_mb + h64 * stride_mh
+                      + tl.cast(n0, tl.int64) * stride_mn)
+        if IS_CAUSAL:
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, Q_head, DO_head, stride_qm, stride_dom, Lse_head, Delta_head,
+                Mask_n, stride_mm, stride_mn, key, bh, n0, offs_n, L, S, qk_scale, drop_thresh,
+                drop_scale, lo, mid, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK,
+                True, DROPOUT, IEEE)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, Q_head, DO_head, stride_qm, stride_dom, Lse_head, Delta_head,
+            Mask_n, stride_mm, stride_mn, key, bh, n0, offs_n, L, S, qk_scale, drop_thresh,
+            drop_scale, mid, L, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False,
+            DROPOUT, IEEE)
+
+    dk = dk * scale
+    row64 = bhk.to(tl.int64) * S + offs_n
+    tl.store(DK + row64[:, None] * HEAD_E + offs_e[None, :], dk.to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_e < HEAD_E)[None, :])
+    tl.store(DV + row64[:, None] * HEAD_EV + offs_ev[None, :], dv.to(DV.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_ev < HEAD_EV)[None, :])
+
+
+@triton.jit
+def _dq_blocks(
+    dq,  # [BLOCK_M, BLOCK_E] float32 accumulator
+    q, do,  # this program's query and grad_out tiles
+    lse2, Di,  # [BLOCK_M] lse * log2(e) and D
+    K_head, V_head, stride_kn, stride_vn,
+    Mask_m,  # the mask at (b, h, first row, 0); unused unless MASK
+    stride_mm, stride_mn, key, bh,
+    offs_m, L, S, qk_scale, drop_thresh, drop_scale,
+    lo, hi,  # keys [lo, hi), lo a multiple of BLOCK_N
+    HEAD_E: tl.constexpr, HEAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    rows = tl.arange(0, BLOCK_N)
+    k_tile = rows[:, None] * stride_kn + offs_e[None, :]
+    v_tile = rows[:, None] * stride_vn + offs_ev[None, :]
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + rows
+        kv_rows = offs_n < S
+        n64 = tl.cast(n0, tl.int64)
+        k = tl.load(K_head + n64 * stride_kn + k_tile,
+                    mask=kv_rows[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
+        v = tl.load(V_head + n64 * stride_vn + v_tile,
+                    mask=kv_rows[:, None] & (offs_ev < HEAD_EV)[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        s = _scores(s, Mask_m + n64 * stride_mn, stride_mm, stride_mn, offs_m, offs_n, L, S,
+                    qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        if DROPOUT:
+            keep = _philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - Di[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, IEEE)
+    return dq
+
+
+@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "drop_thresh"])
+def _attn_bwd_dq(
+    Q,  # (B, Hq, L, E), last stride 1
+    K,  # (B, Hk, S, E), last stride 1
+    V,  # (B, Hk, S, Ev), last stride 1
+    DO,  # (B, Hq, L, Ev) grad of out, last stride 1
+    Lse,  # (B, Hq, L) float32 from the forward
+    Delta,  # (B, Hq, L) float32 from _attn_bwd_pre
+    Mask,  # (B, Hq, L, S) view; unused unless MASK
+    Rng,  # int64 (seed, offset); unused unless DROPOUT
+    DQ,  # (B, Hq, L, E) contiguous, q's dtype
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq,  # query heads
+    group,  # Hq // Hk
+    L,  # query length
+    S,  # key length
+    qk_scale,  # scale * log2(e)
+    scale,  # the softmax scale (dQ = scale * dS K)
+    drop_thresh,  # dropout_threshold(dropout_p)
+    drop_scale,  # dropout_scale(dropout_p)
+    HEAD_E: tl.constexpr,
+    HEAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per step
+    BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # One program per (query block, b * Hq + h); the query blocks of a head are adjacent so
+    # they share its k and v in L2. Causal: the longest rows first (fewer stragglers).
+    num_m = tl.cdiv(L, BLOCK_M)
+    bh = tl.program_id(0) // num_m
+    pid_m = tl.program_id(0) % num_m
+    if IS_CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    hk = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+    key = (0, 0, 0)
+    if DROPOUT:
+        key = _philox_key(Rng)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    row_ok = offs_m < L
+    m64 = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qm + offs_e[None, :],
+                mask=row_ok[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dom + offs_ev[None, :],
+                 mask=row_ok[:, None] & (offs_ev < HEAD_EV)[None, :], other=0.0)
+    row64 = bh.to(tl.int64) * L + offs_m
+    lse2 = tl.load(Lse + row64, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    Di = tl.load(Delta + row64, mask=row_ok, other=0.0)
+    K_head = K + b * stride_kb + hk * stride_kh
+    V_head = V + b * stride_vb + hk * stride_vh
+    Mask_m = Mask
+    if MASK != 0:
+        Mask_m = Mask + b * stride_mb + h * stride_mh + tl.cast(m0, tl.int64) * stride_mm
+
+    dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    full_hi = (S // BLOCK_N) * BLOCK_N
+    hi = S
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(S, m0 + BLOCK_M)
+    dq = _dq_blocks(dq, q, do, lse2, Di, K_head, V_head, stride_kn, stride_vn, Mask_m,
+                    stride_mm, stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
+                    drop_scale, 0, full_hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E,
+                    BLOCK_EV, MASK, False, False, DROPOUT, IEEE)
+    dq = _dq_blocks(dq, q, do, lse2, Di, K_head, V_head, stride_kn, stride_vn, Mask_m,
+                    stride_mm, stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
+                    drop_scale, full_hi, hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E,
+                    BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE)
+    dq = dq * scale
+    tl.store(DQ + row64[:, None] * HEAD_E + offs_e[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_e < HEAD_E)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration and launchers.
+def _pad(d):
+    """Head dim padded for the tiles: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim (<= 64, 128, 256)
+# for 16-bit inputs, as a triple: plain, with a mask or dropout, with both (each adds a
+# [BLOCK_M, BLOCK_N] tile of mask values or random bits to the registers). Chosen so that no
+# kernel spills registers at head dim <= 128 (ptxas -v on sm_90a and sm_80: plain, causal,
+# causal + dropout, bool/float mask, mask + dropout; causal and mask never come together) and
+# shared memory stays well inside the 227 KB of H100 and the 163 KB of A100. Hopper gets wider
+# key tiles in the forward (wgmma likes N >= 64); Ampere keeps the forward at D = 128 on 32-key
+# steps, where 64 spills.
+_CONFIGS = {
+    90: {
+        "fwd": {64: ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3)),
+                128: ((128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3)),
+                256: ((64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2))},
+        "dkdv": {64: ((32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 8, 3)),
+                 128: ((32, 64, 8, 3), (16, 64, 8, 3), (16, 32, 8, 3)),
+                 256: ((32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2))},
+        "dq": {64: ((128, 32, 4, 3), (128, 32, 8, 3), (64, 32, 8, 3)),
+               128: ((128, 32, 8, 3), (64, 32, 8, 3), (32, 32, 8, 3)),
+               256: ((64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2))},
+    },
+    80: {
+        "fwd": {64: ((128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3)),
+                128: ((128, 32, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3)),
+                256: ((64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2))},
+        "dkdv": {64: ((32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 8, 3)),
+                 128: ((32, 64, 8, 3), (16, 64, 8, 3), (16, 32, 8, 3)),
+                 256: ((32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2))},
+        "dq": {64: ((128, 32, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3)),
+               128: ((128, 32, 8, 3), (64, 32, 8, 3), (32, 32, 8, 3)),
+               256: ((64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2))},
+    },
+}
+# float32 runs exact float32 dots (FMA, no tensor cores; register-hungry): small tiles, any
+# arch, checked the same way (left: dk/dv at D = 128 with causal + dropout spills 12-16 bytes
+# in every tile tried).
+_CONFIGS_F32 = {
+    "fwd": {64: ((32, 16, 4, 2),) * 3,
+            128: ((32, 16, 4, 2), (16, 16, 8, 2), (16, 16, 8, 2)),
+            256: ((16, 16, 8, 2),) * 3},
+    "dkdv": {64: ((16, 32, 4, 2), (16, 32, 8, 2), (16, 32, 8, 2)),
+             128: ((16, 16, 4, 2), (16, 16, 8, 2), (16, 16, 8, 2)),
+             256: ((16, 16, 8, 2),) * 3},
+    "dq": {64: ((32, 16, 4, 2),) * 3,
+           128: ((32, 16, 8, 2),) * 3,
+           256: ((16, 16, 8, 1), (16, 16, 8, 2), (16, 16, 8, 2))},
+}
+
+
+def _config(kind, dtype, e, ev, arch, extras):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel `kind` ("fwd", "dkdv", "dq") for
+    inputs of `dtype`, head dims e, ev, on compute capability `arch` (e.g. 90); `extras` is
+    how many of (mask, dropout) are applied."""
+    d = max(64, _pad(e), _pad(ev))
+    if dtype == torch.float32:
+        return _CONFIGS_F32[kind][d][extras]
+    return _CONFIGS[90 if arch >= 90 else 80][kind][d][extras]
+
+
+def _arch(device):
+    """Compute capability as an int (90 for 9.0); CPU tensors (the interpreter) use 90."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def _dot_mode(dtype):
+    """_dot's IEEE switch for this dtype (2 only when the interpreter runs bfloat16)."""
+    if dtype == torch.float32:
+        return 1
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return 2
+    return 0
+
+
+def _fit(block, n):
+    """A block no larger than the power of two covering n (short sequences), at least 16."""
+    return min(block, max(16, triton.next_power_of_2(max(n, 1))))
+
+
+def _meta(kind, dtype, e, ev, m_len, n_len, mask_kind, causal, dropout, arch):
+    """Meta-parameters of one launch: m_len rows along BLOCK_M, n_len along BLOCK_N."""
+    bm, bn, warps, stages = _config(kind, dtype, e, ev, arch, int(mask_kind != 0) + int(dropout))
+    return dict(HEAD_E=e, HEAD_EV=ev, BLOCK_M=_fit(bm, m_len), BLOCK_N=_fit(bn, n_len),
+                BLOCK_E=_pad(e), BLOCK_EV=_pad(ev), MASK=mask_kind, IS_CAUSAL=causal,
+                DROPOUT=dropout, IEEE=_dot_mode(dtype), num_warps=warps,
+                num_stages=stages)
+
+
+def _mask_kind(mask):
+    if mask is None:
+        return _MASK_NONE
+    return _MASK_BOOL if mask.dtype == torch.bool else _MASK_FLOAT
+
+
+def _last_unit(t):
+    return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
+
+
+def _mask_arg(mask, q):
+    """(pointer argument, its 4 strides); a bool mask is read as bytes."""
+    if mask is None:
+        return q, (0, 0, 0, 0)
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return m, tuple(m.stride())
+
+
+def _dropout_args(rng, dropout_p, q):
+    """(Rng pointer, threshold, keep scale, DROPOUT)."""
+    thresh = dropout_threshold(dropout_p) if rng is not None else 0
+    if thresh == 0:  # nothing can be dropped: the exact rate is 0 and the scale 1
+        return q, 0, 1.0, False
+    return rng, thresh, dropout_scale(dropout_p), True
+
+
+# Each _*_call returns (grid, args, meta) of one launch; `forward`/`backward` and `aot_specs`
+# share them, so the ahead-of-time variants are the ones the launches ask for. Shapes are
+# (B, Hq, Hk, L, S, E, Ev); strides are 3-tuples (b, h, row) and the mask's 4-tuple.
+def _fwd_call(q, k, v, mask, rng, out, lse, shape, qs, ks, vs, ms, dtype, scale, thresh,
+              rscale, mask_kind, causal, dropout, arch):
+    B, Hq, Hk, L, S, E, Ev = shape
+    meta = _meta("fwd", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch)
+    grid = (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
+    args = (q, k, v, mask, rng, out, lse, *qs, *ks, *vs, *ms, Hq, Hq // Hk, L, S,
+            scale * LOG2E, thresh, rscale)
+    return grid, args, meta
+
+
+def _pre_call(out, do, delta, shape, dos):
+    B, Hq, _, L, _, _, Ev = shape
+    block_ev = _pad(Ev)
+    meta = dict(HEAD_EV=Ev, BLOCK_M=max(16, 4096 // block_ev), BLOCK_EV=block_ev, num_warps=4)
+    return (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,), (out, do, delta, *dos, Hq, L), meta
+
+
+def _dkdv_call(q, k, v, do, lse, delta, mask, rng, dk, dv, shape, qs, ks, vs, dos, ms, dtype,
+               scale, thresh, rscale, mask_kind, causal, dropout, arch):
+    B, Hq, Hk, L, S, E, Ev = shape
+    meta = _meta("dkdv", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch)
+    grid = (triton.cdiv(S, meta["BLOCK_N"]) * B * Hk,)
+    args = (q, k, v, do, lse, delta, mask, rng, dk, dv, *qs, *ks, *vs, *dos, *ms, Hq, Hk,
+            Hq // Hk, L, S, scale * LOG2E, scale, thresh, rscale)
+    return grid, args, meta
+
+
+def _dq_call(q, k, v, do, lse, delta, mask, rng, dq, shape, qs, ks, vs, dos, ms, dtype, scale,
+             thresh, rscale, mask_kind, causal, dropout, arch):
+    B, Hq, Hk, L, S, E, Ev = shape
+    meta = _meta("dq", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch)
+    grid = (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
+    args = (q, k, v, do, lse, delta, mask, rng, dq, *qs, *ks, *vs, *dos, *ms, Hq, Hq // Hk, L,
+            S, scale * LOG2E, scale, thresh, rscale)
+    return grid, args, meta
+
+
+def _shape(q, k, v):
+    B, Hq, L, E = q.shape
+    return B, Hq, k.shape[1], L, k.shape[2], E, v.shape[3]
+
+
+def _st(t):
+    return tuple(t.stride()[:3])
+
+
+def forward(q, k, v, mask, rng, dropout_p, is_causal, scale):
+    """(out, lse) of docs/attention.md: out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L)
+    float32 natural log (+inf for rows that may attend no key)."""
+    q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
+    shape = B, Hq, _, L, _, _, Ev = _shape(q, k, v)
+    out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    if B * Hq * L == 0:
+        return out, lse
+    mask_ptr, ms = _mask_arg(mask, q)
+    rng_ptr, thresh, rscale, dropout = _dropout_args(rng, dropout_p, q)
+    grid, args, meta = _fwd_call(q, k, v, mask_ptr, rng_ptr, out, lse, shape, _st(q), _st(k),
+                                 _st(v), ms, q.dtype, scale, thresh, rscale, _mask_kind(mask),
+                                 bool(is_causal), dropout, _arch(q.device))
+    wrap_triton(_attn_fwd)[grid](*args, **meta)
+    return out, lse
+
+
+def backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale):
+    """(grad_q, grad_k, grad_v) of docs/attention.md, contiguous, with q, k, v's shapes and
+    dtypes; deterministic (no atomics)."""
+    q, k, v, grad_out = _last_unit(q), _last_unit(k), _last_unit(v), _last_unit(grad_out)
+    out, lse = out.contiguous(), lse.contiguous()
+    shape = B, Hq, Hk, L, S, E, Ev = _shape(q, k, v)
+    dq = torch.empty((B, Hq, L, E), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hk, S, E), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hk, S, Ev), dtype=v.dtype, device=v.device)
+    if B * Hq == 0:
+        return dq, dk, dv
+    if L == 0:
+        return dq, dk.zero_(), dv.zero_()
+    mask_ptr, ms = _mask_arg(mask, q)
+    rng_ptr, thresh, rscale, dropout = _dropout_args(rng, dropout_p, q)
+    flags = (q.dtype, scale, thresh, rscale, _mask_kind(mask), bool(is_causal), dropout,
+             _arch(q.device))
+    strides = (_st(q), _st(k), _st(v), _st(grad_out), ms)
+
+    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    grid, args, meta = _pre_call(out, grad_out, delta, shape, _st(grad_out))
+    wrap_triton(_attn_bwd_pre)[grid](*args, **meta)
+    if S > 0:
+        grid, args, meta = _dkdv_call(q, k, v, grad_out, lse, delta, mask_ptr, rng_ptr, dk, dv,
+                                      shape, *strides, *flags)
+        wrap_triton(_attn_bwd_dkdv)[grid](*args, **meta)
+    grid, args, meta = _dq_call(q, k, v, grad_out, lse, delta, mask_ptr, rng_ptr, dq, shape,
+                                *strides, *flags)
+    wrap_triton(_attn_bwd_dq)[grid](*args, **meta)
+    return dq, dk, dv
+
+
+AOT_HEAD_DIMS = (64, 128)
+
+
+def aot_specs(dtypes, sizes, arch=90):
+    """(kernel, args, meta) for ahead-of-time compilation by `fastlm compile`: the launches of
+    forward/backward for inputs of each dtype, head dims AOT_HEAD_DIMS (E = Ev), causal and
+    not, without mask or dropout, for contiguous (B, H, L, E) inputs with H = 16, L = S = 1024
+    (strides multiples of 16, as the JIT specializes them; head counts and lengths are not
+    specialized), with the tiles chosen for compute capability `arch` (90 for sm_90). `sizes`
+    do not matter here. Tensors are given as dtypes."""
+    f32 = torch.float32
+    specs = []
+    for dt in dtypes:
+        for d in AOT_HEAD_DIMS:
+            shape = (4, 16, 16, 1024, 1024, d, d)
+            st = (16 * 1024 * d, 1024 * d, d)
+            ms = (0, 0, 0, 0)
+            for causal in (False, True):
+                flags = (dt, d ** -0.5, 0, 1.0, _MASK_NONE, causal, False, arch)
+                _, args, meta = _fwd_call(dt, dt, dt, dt, dt, dt, f32, shape, st, st, st, ms,
+                                          *flags)
+                specs.append((_attn_fwd, args, meta))
+                _, args, meta = _dkdv_call(dt, dt, dt, dt, f32, f32, dt, dt, dt, dt, shape, st,
+                                           st, st, st, ms, *flags)
+                specs.append((_attn_bwd_dkdv, args, meta))
+                _, args, meta = _dq_call(dt, dt, dt, dt, f32, f32, dt, dt, dt, shape, st, st,
+                                         st, st, ms, *flags)
+                specs.append((_attn_bwd_dq, args, meta))
+            _, args, meta = _pre_call(dt, dt, f32, shape, st)
+            specs.append((_attn_bwd_pre, args, meta))
+    return specs
