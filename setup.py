@@ -62,7 +62,8 @@ def extensions():
     # -fno-math-errno: sqrt without the errno branch, which kept loops from vectorizing.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off",
            "-fno-math-errno"]
-    sources = ["csrc/module.cpp", "csrc/fastlm.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/adam.cpp"]
+    sources = ["csrc/module.cpp", "csrc/fastlm.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/adam.cpp",
+               "csrc/cpu/attention.cpp"]
     kwargs = dict(extra_link_args=["-fopenmp"])
     archs = []
     if with_cuda:

@@ -11,8 +11,10 @@
 
 #if defined(__CUDACC__)
 #define FASTLM_HD __host__ __device__ __forceinline__
+#define FASTLM_UNROLL _Pragma("unroll")
 #else
 #define FASTLM_HD inline __attribute__((always_inline))
+#define FASTLM_UNROLL _Pragma("GCC unroll 10")
 #endif
 
 namespace fastlm {
@@ -25,7 +27,7 @@ struct Philox4 {
 
 FASTLM_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                                 uint32_t k1) {
-#pragma unroll
+FASTLM_UNROLL
   for (int r = 0; r < 10; ++r) {
     const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
     const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
@@ -53,7 +55,7 @@ FASTLM_HD uint32_t dropout_keep8(uint64_t seed, uint64_t offset, uint32_t bh, ui
   const Philox4 r = philox4x32_10(group, i, bh, uint32_t(offset), uint32_t(seed),
                                   uint32_t(seed >> 32));
   uint32_t keep = 0;
-#pragma unroll
+FASTLM_UNROLL
   for (int lane = 0; lane < 8; ++lane) keep |= uint32_t(dropout_bits16(r, lane) >= thresh) << lane;
   return keep;
 }

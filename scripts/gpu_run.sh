@@ -17,11 +17,14 @@ echo "build: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$RESULTS/build.log
 tail -5 "$RESULTS/build.log"
 [ $rc -eq 0 ] || exit $rc
 fastlm info 2>&1 | tee "$RESULTS/info.log"
-python3 -m pytest -x -q -m cuda tests 2>&1 | tee "$RESULTS/tests.log" | tail -30
+python3 -m pytest -q -m cuda tests 2>&1 | tee "$RESULTS/tests.log" | tail -30
 trc=${PIPESTATUS[0]}
 if [ "$trc" -ne 0 ]; then
-  echo "cuda tests failed (exit $trc): not timing" | tee -a "$RESULTS/tests.log"
-  exit "$trc"
+  # Still time: every benchmark row carries its max error against the oracle, and the ops
+  # that pass are worth measuring. The failures are in tests.log.
+  echo "WARNING: cuda tests failed (exit $trc); benchmark rows of failing ops are suspect" \
+    | tee -a "$RESULTS/tests.log"
 fi
 fastlm bench --device cuda --json "$RESULTS/bench.json" --plot "$RESULTS/bench.png" "$@" 2>&1 \
   | tee "$RESULTS/bench.log" | tail -60
+exit "$trc"
