@@ -135,11 +135,14 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   if (maximize) g_mul = -g_mul;
   const at::ScalarType pt = params[0].scalar_type();
   const bool s32 = st == at::kFloat && pt != at::kFloat;
+  // Per-tensor scalars, then one parallel loop over fixed kGrain-element pieces of all the
+  // tensors (one fork/join for the whole step instead of one per tensor).
+  std::vector<AdamScalars> ks(params.size());
+  std::vector<std::pair<uint32_t, int64_t>> tasks;  // (tensor, first element)
   for (size_t t = 0; t < params.size(); ++t) {
     const int64_t n = params[t].numel();
-    if (n == 0) continue;
     const double step = steps[t].const_data_ptr<float>()[0];
-    AdamScalars k;
+    AdamScalars& k = ks[t];
     k.lr = lr_v;
     k.beta1 = float(beta1);
     k.beta2 = float(beta2);
@@ -152,30 +155,36 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     k.step_size = float(lr_v / (1.0 - std::pow(beta1, step)));
     k.bc2_sqrt = float(std::sqrt(1.0 - std::pow(beta2, step)));
     k.g_mul = g_mul;
-    float* master = masters.empty() ? nullptr : masters[t].mutable_data_ptr<float>();
-    void* vmax = amsgrad ? max_exp_avg_sqs[t].mutable_data_ptr() : nullptr;
-#define CALL(P, S, tag)                                                                    \
-  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {                              \
-    adam_##tag(static_cast<P*>(params[t].mutable_data_ptr()) + i0,                          \
-               static_cast<const P*>(grads[t].const_data_ptr()) + i0,                       \
-               static_cast<S*>(exp_avgs[t].mutable_data_ptr()) + i0,                        \
-               static_cast<S*>(exp_avg_sqs[t].mutable_data_ptr()) + i0,                     \
-               vmax ? static_cast<S*>(vmax) + i0 : nullptr, master ? master + i0 : nullptr, \
-               i1 - i0, k);                                                                 \
-  })
-    switch (pt) {
-      case at::kFloat: CALL(float, float, f32); break;
-      case at::kHalf:
-        if (s32) { CALL(c10::Half, float, f16_f32); }
-        else { CALL(c10::Half, c10::Half, f16); }
-        break;
-      default:
-        if (s32) { CALL(c10::BFloat16, float, bf16_f32); }
-        else { CALL(c10::BFloat16, c10::BFloat16, bf16); }
-        break;
-    }
-#undef CALL
+    for (int64_t i = 0; i < n; i += kGrain) tasks.emplace_back(uint32_t(t), i);
   }
+  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t a, int64_t b) {
+    for (int64_t task = a; task < b; ++task) {
+      const size_t t = tasks[task].first;
+      const int64_t i0 = tasks[task].second;
+      const int64_t n = std::min(kGrain, params[t].numel() - i0);
+      const AdamScalars& k = ks[t];
+      float* master = masters.empty() ? nullptr : masters[t].mutable_data_ptr<float>();
+      void* vmax = amsgrad ? max_exp_avg_sqs[t].mutable_data_ptr() : nullptr;
+#define CALL(P, S, tag)                                                                    \
+  adam_##tag(static_cast<P*>(params[t].mutable_data_ptr()) + i0,                            \
+             static_cast<const P*>(grads[t].const_data_ptr()) + i0,                         \
+             static_cast<S*>(exp_avgs[t].mutable_data_ptr()) + i0,                          \
+             static_cast<S*>(exp_avg_sqs[t].mutable_data_ptr()) + i0,                       \
+             vmax ? static_cast<S*>(vmax) + i0 : nullptr, master ? master + i0 : nullptr, n, k)
+      switch (pt) {
+        case at::kFloat: CALL(float, float, f32); break;
+        case at::kHalf:
+          if (s32) { CALL(c10::Half, float, f16_f32); }
+          else { CALL(c10::Half, c10::Half, f16); }
+          break;
+        default:
+          if (s32) { CALL(c10::BFloat16, float, bf16_f32); }
+          else { CALL(c10::BFloat16, c10::BFloat16, bf16); }
+          break;
+      }
+#undef CALL
+    }
+  });
 }
 
 template <typename T>
