@@ -1039,24 +1039,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal, double scale) {
   const char* who = "fastlm.attention_bwd";
-  attn_check_fwd(who, q, k, v, mask, rng, dropout_p, is_causal);
-  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), Ev = v.size(3);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == B && grad_out.size(1) == Hq &&
-                  grad_out.size(2) == L && grad_out.size(3) == Ev,
-              who, ": grad_out must have shape (", B, ", ", Hq, ", ", L, ", ", Ev, "), got ",
-              grad_out.sizes());
-  TORCH_CHECK(out.dim() == 4 && out.sizes() == grad_out.sizes(), who,
-              ": out must have shape (", B, ", ", Hq, ", ", L, ", ", Ev, "), got ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              who, ": grad_out and out must have query's dtype (", q.scalar_type(), "), got ",
-              grad_out.scalar_type(), " and ", out.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == L &&
-                  lse.scalar_type() == at::kFloat,
-              who, ": lse must be float32 of shape (", B, ", ", Hq, ", ", L, "), got ",
-              lse.scalar_type(), " ", lse.sizes());
-  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() &&
-                  lse.device() == q.device(),
-              who, ": grad_out, out and lse must be on query's device (", q.device(), ")");
+  attn_check_bwd(who, grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal);
   const Problem P = make_problem(q, k, v, mask, rng, dropout_p, is_causal, scale);
   const at::Tensor dO = grad_out.stride(3) == 1 ? grad_out : grad_out.contiguous();
   const at::Tensor O = out.stride(3) == 1 ? out : out.contiguous();

@@ -1475,28 +1475,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng,
     double dropout_p, bool is_causal, double scale) {
   const char* who = kBwd;
-  attn_check_fwd(who, query, key, value, mask, rng, dropout_p, is_causal);
+  attn_check_bwd(who, grad_out, query, key, value, out, lse, mask, rng, dropout_p, is_causal);
   check_head_dims(who, query.size(3), value.size(3));
   check_sizes(who, query, key);
   const int64_t B = query.size(0), Hq = query.size(1), L = query.size(2), S = key.size(2);
   const int64_t E = query.size(3), Ev = value.size(3);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == B && grad_out.size(1) == Hq &&
-                  grad_out.size(2) == L && grad_out.size(3) == Ev,
-              who, ": grad_out must have shape (", B, ", ", Hq, ", ", L, ", ", Ev, "), got ",
-              grad_out.sizes());
-  TORCH_CHECK(out.dim() == 4 && out.sizes() == grad_out.sizes(), who,
-              ": out must have shape (", B, ", ", Hq, ", ", L, ", ", Ev, "), got ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() &&
-                  out.scalar_type() == query.scalar_type(),
-              who, ": grad_out and out must have query's dtype (", query.scalar_type(),
-              "), got ", grad_out.scalar_type(), " and ", out.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == L &&
-                  lse.scalar_type() == at::kFloat,
-              who, ": lse must be float32 of shape (", B, ", ", Hq, ", ", L, "), got ",
-              lse.scalar_type(), " ", lse.sizes());
-  TORCH_CHECK(grad_out.device() == query.device() && out.device() == query.device() &&
-                  lse.device() == query.device(),
-              who, ": grad_out, out and lse must be on query's device (", query.device(), ")");
   c10::cuda::CUDAGuard guard(query.device());
   at::Tensor dq = at::empty({B, Hq, L, E}, query.options());
   at::Tensor dk = at::empty({B, key.size(1), S, E}, key.options());
