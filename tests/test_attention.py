@@ -235,6 +235,8 @@ CASES = [
     Case("broadcast-batch-5d", (2, 3, 2, 9, 16), (1, 3, 2, 11, 16)),
     Case("broadcast-query-heads", (2, 1, 9, 16), (2, 3, 11, 16)),
     Case("broadcast-kv-heads", (2, 3, 9, 16), (2, 1, 11, 16)),
+    Case("broadcast-key-heads-only", (2, 3, 9, 16), (2, 1, 11, 16), (2, 3, 11, 16)),
+    Case("broadcast-value-heads-only", (2, 3, 9, 16), (2, 3, 11, 16), (2, 1, 11, 24)),
     Case("scale", (2, 2, 17, 32), (2, 2, 19, 32), scale=0.37),
     Case("scale-float-mask", (1, 2, 17, 32), (1, 2, 19, 32), mask=((17, 19), "float"),
          scale=1.3),
@@ -1218,6 +1220,18 @@ def test_bad_input(backend, device, what):
     kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     with fastlm.use_backend(backend), pytest.raises(err, match=WHO + match):
         SDPA(*make(device), **kw)
+
+
+def test_bad_input_errors_are_runtime_errors_as_in_torch():
+    """torch's SDPA raises RuntimeError on bad input; fastlm's errors are ValueError/TypeError
+    and RuntimeError at once, so torch-style `except RuntimeError` code keeps working."""
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match=WHO + "key's head dim"):
+        SDPA(q, torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 8))
+    with pytest.raises(RuntimeError, match=WHO + "query, key and value must have one dtype"):
+        SDPA(q, q.double(), q)
+    assert issubclass(fastlm.ArgumentError, ValueError)
+    assert issubclass(fastlm.ArgumentTypeError, TypeError)
 
 
 def test_device_mismatch():

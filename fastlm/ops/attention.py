@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .._errors import ArgumentError, ArgumentTypeError
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -281,7 +282,8 @@ _ORDER = {"cuda": ("triton", "cuda", "torch")}
 
 
 def _err(cls, msg):
-    return cls(f"{_WHO}: {msg}")
+    return {ValueError: ArgumentError, TypeError: ArgumentTypeError}.get(cls, cls)(
+        f"{_WHO}: {msg}")
 
 
 def _check_inputs(query, key, value, attn_mask, dropout_p):
@@ -330,13 +332,15 @@ def _canonical(query, key, value, attn_mask, enable_gqa):
                                    f"multiple of the key heads ({hk}), and key and value must "
                                    f"have the same number of heads ({hv})")
     elif not (hk == hv == hq or (hk == hv == 1)):
-        if hq == 1 and hk == hv:
-            q = q.expand(*q.shape[:-3], hk, *q.shape[-2:])
-            hq = hk
-        else:
+        # Heads broadcast as torch's matmuls broadcast them (one of q, k, v may have 1 head).
+        try:
+            h = torch.broadcast_shapes((hq,), (hk,), (hv,))[0]
+        except RuntimeError:
             raise _err(ValueError, f"query, key and value heads (dim -3: {hq}, {hk}, {hv}) must "
                                    "match or broadcast (set enable_gqa=True for grouped-query "
-                                   "attention)")
+                                   "attention)") from None
+        q, k, v = (t.expand(*t.shape[:-3], h, *t.shape[-2:]) for t in (q, k, v))
+        hq = hk = hv = h
     try:
         batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
     except RuntimeError:

@@ -1,0 +1,14 @@
+"""Exception types for bad arguments.
+
+torch's ops raise RuntimeError on bad input where Python code would raise ValueError or
+TypeError. fastlm's errors are both, so code written for torch (``except RuntimeError``) and
+Python-style code (``except ValueError``) both catch them.
+"""
+
+
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value or shape (a ValueError and a RuntimeError)."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype (a TypeError and a RuntimeError)."""
