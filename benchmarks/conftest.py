@@ -65,11 +65,14 @@ def pytest_generate_tests(metafunc):
     device = config.getoption("--fastlm-device") or (
         "cuda" if torch.cuda.is_available() else "cpu")
     case = bench.get(metafunc.module.OP)
+    quick = config.getoption("--fastlm-quick")
     params = []
-    for shape in case.shape_list(device, config.getoption("--fastlm-quick")):
+    for shape in case.shape_list(device, quick):
         for direction in case.directions:
             for impl in case.impls:
                 ok, why = bench.registry.availability(impl, device)
+                if ok and quick and device not in impl.quick_devices:
+                    ok, why = False, f"not in --fastlm-quick on {device}"  # as `fastlm bench`
                 label = bench.shape_label(shape).replace(" ", "-")
                 params.append(pytest.param(
                     BenchPoint(case, shape, direction, impl, device),
