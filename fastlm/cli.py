@@ -141,6 +141,9 @@ def _add_train_arguments(p):
                    help="also train the same model built from torch.nn modules with "
                         "torch.optim.AdamW, from the same init, and print both")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (fully_shard per block and "
+                        "on the whole model) instead of DistributedDataParallel")
 
 
 def build_parser():

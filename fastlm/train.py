@@ -21,12 +21,35 @@ F.scaled_dot_product_attention, full logits and F.cross_entropy) with torch.opti
 where available) and torch.nn.utils.clip_grad_norm_, from the same initial weights on the same
 batches, and prints both speeds and losses.
 
+Distributed (launched by torchrun: WORLD_SIZE, RANK and LOCAL_RANK in the environment):
+
+    torchrun --standalone --nproc_per_node 2 -m fastlm train ...          # DDP
+    torchrun --standalone --nproc_per_node 2 -m fastlm train --fsdp ...   # FSDP2
+
+The process group is gloo on the CPU, nccl on CUDA (device cuda:LOCAL_RANK). The model is
+wrapped in DistributedDataParallel, or with --fsdp sharded by FSDP2 (fully_shard on each block,
+then on the whole model; fastlm.optim.AdamW steps the local shards). Each step's global batch
+is the single-process run's (the same seeded draw of --batch-size offsets on every rank, each
+rank taking its slice: --batch-size must divide by the world size), so the losses equal a
+single-process run's up to float rounding; the loss printed and logged, and the validation loss,
+are global means (all-reduced). Dropout draws from a stream per rank. Only rank 0 prints and
+writes files; checkpoints hold full (gathered) tensors in the single-process format, so a run
+resumes under DDP, FSDP2 or one process alike, exactly when the world size is unchanged (each
+rank's random state is saved). Ctrl-C: torchrun forwards SIGINT to every worker; the ranks
+agree (an all-reduce each step) on the step after which they all stop and save. --compare is
+single-process only.
+
+--out DIR also gets DIR/log.jsonl: one JSON object a step ({"step", "loss", "lr",
+"tokens_per_s"}, and "val_loss" where evaluated); --resume drops the lines after the resumed
+step and appends.
+
 Options are defined in fastlm/cli.py (`fastlm train --help`); :func:`main` takes the same
 arguments as a list.
 """
 
 import contextlib
 import copy
+import json
 import math
 import os
 import signal
@@ -41,6 +64,7 @@ import torch
 from .models import GPT, GPTConfig, TorchGPT
 
 CHECKPOINT = "ckpt.pt"
+LOG = "log.jsonl"
 STDLIB_MAX_BYTES = 4 << 20  # the default data: at most this much standard-library source
 VAL_FRACTION = 0.1
 EVAL_SEED = 0x5EED  # the evaluation batches: the same every time, and no draw from --seed's
@@ -86,16 +110,19 @@ def load_bytes(path):
 
 class Batches:
     """Random (x, y) windows of a uint8 token tensor, drawn with a seeded generator whose
-    state is part of a checkpoint."""
+    state is part of a checkpoint. With world > 1, every rank draws the same batch_size
+    offsets (the global batch) and keeps its slice of batch_size // world of them."""
 
-    def __init__(self, data, block_size, batch_size, seed, device):
+    def __init__(self, data, block_size, batch_size, seed, device, rank=0, world=1):
         self.data, self.block_size, self.batch_size, self.device = data, block_size, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets = torch.arange(block_size + 1)
+        self._local = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
 
     def next(self):
         T = self.block_size
         ix = torch.randint(len(self.data) - T, (self.batch_size,), generator=self.generator)
+        ix = ix[self._local]
         w = self.data[ix.unsqueeze(1) + self._offsets].long()
         x, y = w[:, :-1], w[:, 1:]
         if self.device.type == "cuda":
@@ -116,27 +143,96 @@ def lr_at(step, lr, warmup, total):
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints.
-def _rng_state(batches):
+def _rng_state(batches, dist=None):
+    """torch's, CUDA's and the batch sampler's random states; under torchrun also every
+    rank's torch (and CUDA device) state, gathered (a collective: every rank calls it)."""
     state = {"torch": torch.get_rng_state(), "batches": batches.generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if dist is not None:
+        mine = {"torch": torch.get_rng_state()}
+        if dist.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(dist.device)
+        state["ranks"] = dist.gather_objects(mine)
     return state
 
 
-def _set_rng_state(state, batches):
+def _set_rng_state(state, batches, dist=None, seed=0, step=0):
     torch.set_rng_state(state["torch"])
     batches.generator.set_state(state["batches"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    ranks = state.get("ranks")
+    if dist is None or (dist.world == 1 and ranks is None):
+        return True
+    if ranks is not None and len(ranks) == dist.world:
+        torch.set_rng_state(ranks[dist.rank]["torch"])
+        if "cuda" in ranks[dist.rank] and dist.device.type == "cuda":
+            torch.cuda.set_rng_state(ranks[dist.rank]["cuda"], dist.device)
+        return True
+    if dist.rank > 0:  # another world size wrote it: new streams on ranks > 0 (dropout)
+        torch.manual_seed(_rank_seed(seed, dist.rank) + 7919 * step)
+    return False
 
 
-def save_checkpoint(out, model, optimizer, step, batches, config, data_info):
-    """Write out/ckpt.pt atomically (a temporary file renamed over the old one)."""
-    os.makedirs(out, exist_ok=True)
+def _rank_seed(seed, rank):
+    """The seed of rank `rank`'s torch stream (dropout) after the model's initialisation
+    (rank > 0; rank 0 goes on with the single-process stream)."""
+    return seed + rank
+
+
+def _full(t):
+    """A plain CPU tensor: a DTensor gathered (a collective), a CUDA tensor copied."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+
+def full_state_dicts(model, optimizer):
+    """The model's and the optimizer's state_dicts with full CPU tensors, in the single-process
+    format (under FSDP2 every DTensor is gathered: all ranks must call this, in step)."""
+    model_sd = {k: _full(v) for k, v in _unwrap(model).state_dict().items()}
+    opt_sd = optimizer.state_dict()
+    opt_sd = {"state": {i: {k: _full(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                        for i, st in opt_sd["state"].items()},
+              "param_groups": opt_sd["param_groups"]}
+    return model_sd, opt_sd
+
+
+def shard_optimizer_state(opt_sd, optimizer):
+    """A full (single-process format) optimizer state_dict with the moments of DTensor params
+    turned into DTensors placed like their params (FSDP2), ready for load_state_dict."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for i, st in opt_sd["state"].items():
+        p = params[int(i)]
+        state[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                    if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape
+                    and v.dim() > 0 else v for k, v in st.items()}
+    return {"state": state, "param_groups": opt_sd["param_groups"]}
+
+
+def save_checkpoint(out, model, optimizer, step, batches, config, data_info, dist=None):
+    """Write out/ckpt.pt atomically (a temporary file renamed over the old one). Under
+    torchrun every rank calls it (the state is gathered) and rank 0 writes."""
+    if dist is None:
+        model_sd, opt_sd = _unwrap(model).state_dict(), optimizer.state_dict()
+    elif dist.fsdp:
+        model_sd, opt_sd = full_state_dicts(model, optimizer)
+    else:  # DDP: every rank holds the same full state
+        model_sd, opt_sd = _unwrap(model).state_dict(), optimizer.state_dict()
+    rng = _rng_state(batches, dist)
     path = os.path.join(out, CHECKPOINT)
-    state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-             "step": step, "config": asdict(config), "rng": _rng_state(batches),
+    if dist is not None and dist.rank != 0:
+        return path
+    os.makedirs(out, exist_ok=True)
+    state = {"model": model_sd, "optimizer": opt_sd,
+             "step": step, "config": asdict(config), "rng": rng,
              "data": data_info, "fastlm": _version()}
+    if dist is not None:
+        state["world_size"] = dist.world
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -157,7 +253,104 @@ def _version():
 
 
 def _unwrap(model):
-    return getattr(model, "_orig_mod", model)
+    """The GPT inside torch.compile's and DistributedDataParallel's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" \
+        else model
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun.
+class Distributed:
+    """This process's place in a torchrun launch: rank, world size, device, DDP or FSDP2."""
+
+    def __init__(self, rank, world, local_rank, device, fsdp):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.device, self.fsdp = device, fsdp
+        self.owner = True  # this run started the process group (and destroys it at the end)
+
+    def all_reduce_sum(self, values):
+        """The sums over the ranks of a list of floats (one all-reduce)."""
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather_objects(self, obj):
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def wrap(self, model):
+        """DistributedDataParallel(model), or FSDP2: fully_shard on each block, then on the
+        whole model (which is changed in place and returned)."""
+        if not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids)
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        return fully_shard(model)
+
+
+def launched_by_torchrun(environ=None):
+    """Whether torchrun (or torch.distributed.run) started this process."""
+    environ = os.environ if environ is None else environ
+    return all(k in environ for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+
+
+def init_distributed(args):
+    """Under torchrun: check the options, pick the device (cuda:LOCAL_RANK or cpu), init the
+    process group (nccl or gloo) and return a Distributed; else None (after checking that
+    --fsdp was not asked for without torchrun)."""
+    if not launched_by_torchrun():
+        if args.fsdp:
+            raise SystemExit("fastlm train: --fsdp shards the model over processes: launch "
+                             "with torchrun (torchrun --nproc_per_node N -m fastlm train "
+                             "--fsdp ...)")
+        return None
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if args.compare:
+        raise SystemExit("fastlm train: --compare runs in one process: launch it without "
+                         "torchrun")
+    if args.batch_size % world:
+        raise SystemExit(f"fastlm train: --batch-size {args.batch_size} must be a multiple of "
+                         f"the number of processes ({world}): each takes an equal slice of "
+                         "the global batch")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if device.index is not None:
+            raise SystemExit(f"fastlm train: --device {args.device}: under torchrun each "
+                             "process uses cuda:LOCAL_RANK; pass --device cuda")
+        if not torch.cuda.is_available():
+            raise SystemExit("fastlm train: --device cuda but no GPU is visible "
+                             "(torch.cuda.is_available() is False)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise SystemExit(f"fastlm train: --device {args.device}: torchrun runs support cpu "
+                         "(gloo) and cuda (nccl)")
+    args.device = str(device)
+    import torch.distributed as dist
+
+    owner = not dist.is_initialized()  # (a caller may have started the group already)
+    if owner:
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    out = Distributed(rank, world, local_rank, device, args.fsdp)
+    out.owner = owner
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,16 +358,18 @@ class _StopRequest:
     """The first SIGINT asks the loop to stop after the current step; a second aborts.
     (Only the main thread can install a signal handler; elsewhere Ctrl-C is untouched.)"""
 
-    def __init__(self):
+    def __init__(self, verbose=True):
         self.requested = False
+        self.verbose = verbose
         self._previous = None
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nfastlm train: Ctrl-C: stopping after this step (Ctrl-C again to abort now)",
-              file=sys.stderr, flush=True)
+        if self.verbose:
+            print("\nfastlm train: Ctrl-C: stopping after this step (Ctrl-C again to abort "
+                  "now)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -199,11 +394,13 @@ def _progress(enabled):
 
 
 @torch.no_grad()
-def evaluate(model, data, args, device, autocast):
-    """Mean loss over args.eval_iters batches of `data`, the same batches every call."""
+def evaluate(model, data, args, device, autocast, dist=None):
+    """Mean loss over args.eval_iters batches of `data`, the same batches every call (under
+    torchrun: each rank's slices of the global batches, the mean all-reduced)."""
     was_training = model.training
     model.eval()
-    batches = Batches(data, args.block_size, args.batch_size, EVAL_SEED, device)
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    batches = Batches(data, args.block_size, args.batch_size, EVAL_SEED, device, rank, world)
     total = 0.0
     for _ in range(args.eval_iters):
         x, y = batches.next()
@@ -211,6 +408,8 @@ def evaluate(model, data, args, device, autocast):
             _, loss = model(x, y)
         total += loss.item()
     model.train(was_training)
+    if dist is not None:
+        total = dist.all_reduce_sum([total])[0] / world
     return total / args.eval_iters
 
 
@@ -220,10 +419,12 @@ def _sync(device):
 
 
 def train_loop(label, model, optimizer, clip, batches, val_data, args, device, start_step,
-               checkpoint=None, on_step=None):
+               checkpoint=None, on_step=None, dist=None, log=None):
     """Train from start_step to args.steps (or args.stop_after more steps). Returns a dict:
     step reached, whether interrupted, tokens/s (steps after the first of the run), the last
-    step's loss, a running mean of the loss and the last evaluation."""
+    step's loss, a running mean of the loss and the last evaluation. Under torchrun (dist)
+    the loss is the global mean and the ranks agree on stopping (one all-reduce a step).
+    log(record) gets a dict a step."""
     autocast = _autocast(args, device)
     tokens_per_step = args.batch_size * args.block_size
     end = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
@@ -232,7 +433,8 @@ def train_loop(label, model, optimizer, clip, batches, val_data, args, device, s
              "smooth_loss": float("nan"), "val_loss": None, "tokens_per_s": float("nan")}
     timed_steps, timed_s = 0, 0.0
     model.train()
-    with _StopRequest() as stop, _progress(not args.no_progress) as bar:
+    rank0 = dist is None or dist.rank == 0
+    with _StopRequest(rank0) as stop, _progress(rank0 and not args.no_progress) as bar:
         task = bar.add_task(label, total=args.steps, completed=start_step, loss=float("nan"),
                             tps=0.0)
         step = start_step
@@ -250,7 +452,12 @@ def train_loop(label, model, optimizer, clip, batches, val_data, args, device, s
                 clip()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()  # (synchronizes)
+            if dist is None:
+                loss_value = loss.item()  # (synchronizes)
+                stopping = stop.requested
+            else:  # the global mean loss, and whether any rank got a Ctrl-C
+                total, stops = dist.all_reduce_sum([loss.item(), float(stop.requested)])
+                loss_value, stopping = total / dist.world, stops > 0
             dt = time.perf_counter() - t0
             step += 1
             if step > start_step + 1:  # the first step of a run warms up (and compiles)
@@ -264,20 +471,24 @@ def train_loop(label, model, optimizer, clip, batches, val_data, args, device, s
             stats.update(step=step, tokens_per_s=tps)
             if on_step is not None:
                 on_step(step, loss_value)
+            record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tps}
             last = step == end
-            saved = False
+            evaluated = False
             if (args.eval_every and step % args.eval_every == 0) or (last and step == args.steps):
-                stats["val_loss"] = evaluate(model, val_data, args, device, autocast)
+                stats["val_loss"] = evaluate(model, val_data, args, device, autocast, dist)
+                record["val_loss"] = stats["val_loss"]
+                evaluated = True
                 print(f"{label} step {step}/{args.steps}: train loss (running mean) "
                       f"{stats['smooth_loss']:.4f}, "
                       f"val loss {stats['val_loss']:.4f}, lr {lr:.2e}, {tps:,.0f} tokens/s",
                       flush=True)
-                if checkpoint is not None:
-                    checkpoint(step)
-                    saved = True
-            if (last or stop.requested) and checkpoint is not None and not saved:
+            if log is not None:  # (before the checkpoint: a logged step may be resumed)
+                log(record)
+            if dist is None:  # (a Ctrl-C during the evaluation counts for this step)
+                stopping = stop.requested
+            if (evaluated or last or stopping) and checkpoint is not None:
                 checkpoint(step)
-            if stop.requested and not last:
+            if stopping and not last:
                 stats["interrupted"] = True
                 break
     return stats
@@ -336,7 +547,52 @@ def _print_table(rows):
 
 def run(args, on_step=None):
     """Run `fastlm train` with parsed arguments; returns the exit status (130 when stopped by
-    Ctrl-C). `on_step(step, loss)` is called after every step (for tests and tooling)."""
+    Ctrl-C). `on_step(step, loss)` is called after every step (for tests and tooling). Under
+    torchrun this process joins the process group (destroyed at the end); ranks other than 0
+    print nothing."""
+    if not hasattr(args, "fsdp"):
+        args.fsdp = False
+    dist = init_distributed(args)
+    if dist is None:
+        return _run(args, on_step, None)
+    import torch.distributed
+
+    try:
+        if dist.rank == 0:
+            return _run(args, on_step, dist)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return _run(args, on_step, dist)
+    finally:
+        if dist.owner:
+            torch.distributed.destroy_process_group()
+
+
+def _open_log(out, start):
+    """DIR/log.jsonl: the lines of steps <= start kept (all of them when start is 0: a new
+    run starts an empty log); returns log(record), which appends one line."""
+    path = os.path.join(out, LOG)
+    os.makedirs(out, exist_ok=True)
+    kept = []
+    if start and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start:
+                        kept.append(line.rstrip("\n") + "\n")
+                except (ValueError, KeyError, TypeError):
+                    break  # a line cut short by a kill: drop it and what follows
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+    def log(record):
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    return log
+
+
+def _run(args, on_step, dist):
+    rank0 = dist is None or dist.rank == 0
     device = _resolve(args)
     if args.resume and args.out is None:
         raise SystemExit("fastlm train: --resume needs --out DIR (where the checkpoint is)")
@@ -362,28 +618,43 @@ def run(args, on_step=None):
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
     init_state = copy.deepcopy(model.state_dict()) if args.compare else None
+    if ckpt is not None:  # before DDP (which broadcasts it) or FSDP2 (which shards it)
+        model.load_state_dict(ckpt["model"])
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    wrapped = model if dist is None else dist.wrap(model)  # FSDP2 shards `model` in place
+    if rank > 0:  # dropout: a stream per rank (rank 0 goes on with the single-process one)
+        torch.manual_seed(_rank_seed(args.seed, rank))
     optimizer = model.configure_optimizers(args.weight_decay, args.lr, (0.9, 0.95), device.type,
                                            max_grad_norm=args.grad_clip or None)
-    batches = Batches(train_data, config.block_size, args.batch_size, args.seed, device)
+    batches = Batches(train_data, config.block_size, args.batch_size, args.seed, device, rank,
+                      world)
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        opt_sd = ckpt["optimizer"]
+        if dist is not None and dist.fsdp:
+            opt_sd = shard_optimizer_state(opt_sd, optimizer)
+        optimizer.load_state_dict(opt_sd)
         start = ckpt["step"]
-        _set_rng_state(ckpt["rng"], batches)
-        print(f"resumed from {os.path.join(args.out, CHECKPOINT)} at step {start}")
+        exact = _set_rng_state(ckpt["rng"], batches, dist, args.seed, start)
+        print(f"resumed from {os.path.join(args.out, CHECKPOINT)} at step {start}"
+              + ("" if exact else f" (written by {ckpt.get('world_size', 1)} process(es), "
+                 f"not {world}: dropout's random streams start afresh)"))
     print(f"data: {len(data):,} bytes from {source} ({len(train_data):,} train, "
           f"{len(val_data):,} validation)")
+    where = f"{device}, {args.dtype}" if dist is None else (
+        f"{world} processes ({'FSDP2' if dist.fsdp else 'DDP'}, "
+        f"{'nccl' if device.type == 'cuda' else 'gloo'}), {device.type}, {args.dtype}")
     print(f"model: GPT n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
           f"block_size={config.block_size} vocab 256, {model.num_params():,} parameters; "
-          f"{device}, {args.dtype}; {args.batch_size * config.block_size:,} tokens per step")
-    trained = torch.compile(model) if args.compile else model
+          f"{where}; {args.batch_size * config.block_size:,} tokens per step")
+    trained = torch.compile(wrapped) if args.compile else wrapped
 
     def checkpoint(step):
-        save_checkpoint(args.out, model, optimizer, step, batches, config, data_info)
+        save_checkpoint(args.out, model, optimizer, step, batches, config, data_info, dist)
 
+    log = _open_log(args.out, start) if args.out and rank0 else None
     stats = train_loop("fastlm", trained, optimizer, None, batches, val_data, args, device,
-                       start, checkpoint if args.out else None, on_step)
+                       start, checkpoint if args.out else None, on_step, dist, log)
     if stats["interrupted"]:
         where = (f"checkpoint saved to {os.path.join(args.out, CHECKPOINT)}; continue with "
                  "--resume" if args.out else "no --out given, so nothing was saved")
@@ -393,12 +664,21 @@ def run(args, on_step=None):
         print(f"stopped at step {stats['step']}/{args.steps} (--stop-after {args.stop_after})"
               + ("; continue with --resume" if args.out else ""))
     if args.sample_tokens > 0:
-        model.eval()
-        prompt = torch.tensor([[ord("\n")]], dtype=torch.long, device=device)
-        with _autocast(args, device)():
-            out = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)
-        text = bytes(out[0, 1:].tolist()).decode("utf-8", errors="replace")
-        print(f"--- sample ({args.sample_tokens} bytes) ---\n{text}\n--- end of sample ---")
+        sampler = model
+        if dist is not None and dist.fsdp:  # gather the shards; rank 0 samples from a copy
+            full_sd = {k: _full(v) for k, v in model.state_dict().items()}
+            if rank0:
+                with torch.random.fork_rng(devices=[]):
+                    sampler = GPT(config)
+                sampler.load_state_dict(full_sd)
+                sampler.to(device)
+        if rank0:
+            sampler.eval()
+            prompt = torch.tensor([[ord("\n")]], dtype=torch.long, device=device)
+            with _autocast(args, device)():
+                out = sampler.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)
+            text = bytes(out[0, 1:].tolist()).decode("utf-8", errors="replace")
+            print(f"--- sample ({args.sample_tokens} bytes) ---\n{text}\n--- end of sample ---")
     print(f"fastlm: {stats['step']} steps, {stats['tokens_per_s']:,.0f} tokens/s, last step's "
           f"loss {stats['loss']:.4f}"
           + (f", val loss {stats['val_loss']:.4f}" if stats["val_loss"] is not None else ""))
