@@ -12,6 +12,19 @@ TORCH_LIBRARY(fastlm, m) {
   // dweight/dbias are reduced deterministically: per-block partial sums, then a fixed-order sum.
   m.def("layer_norm_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight,"
         " Tensor? bias, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  // Fused residual add + dropout + LayerNorm (docs/layer_norm.md): summed = residual +
+  // dropout(input) rounded to input's dtype, out = layer_norm(summed). input and residual are
+  // (rows, N) of one dtype; dropout is on when dropout_p > 0 and then needs rng (int64 (seed,
+  // offset) on input's device). Returns (out, summed, mean, rstd); mean, rstd float32 (rows,).
+  m.def("add_layer_norm_fwd(Tensor input, Tensor residual, Tensor? weight, Tensor? bias,"
+        " Tensor? rng, float dropout_p, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (grad_residual, grad_input, grad_weight, grad_bias): grad_residual = LN-backward of
+  // grad_out + grad_summed (None: zeros); grad_input = grad_residual * keep * scale when
+  // input_grad and dropout_p > 0, else an empty tensor (it equals grad_residual). grad_weight,
+  // grad_bias as in layer_norm_bwd (deterministic).
+  m.def("add_layer_norm_bwd(Tensor grad_out, Tensor? grad_summed, Tensor summed, Tensor mean,"
+        " Tensor rstd, Tensor? weight, Tensor? bias, Tensor? rng, float dropout_p,"
+        " bool input_grad, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // One fused Adam/AdamW step over lists of tensors on one device (fastlm/ops/adam.py says
   // what each argument means). Arithmetic in float32; params float32/float16/bfloat16; the

@@ -20,11 +20,12 @@ from . import _ext, backends  # noqa: E402, F401  (_ext loads fastlm._C: its op 
 from .backends import use_backend  # noqa: E402
 from ._errors import ArgumentError, ArgumentTypeError  # noqa: E402
 from .ops.layer_norm import layer_norm  # noqa: E402
+from .ops.add_layer_norm import add_layer_norm  # noqa: E402
 from .ops.attention import scaled_dot_product_attention, varlen_attention  # noqa: E402
 from . import nn, optim  # noqa: E402
 from .patch import patch  # noqa: E402  (the function; the module is fastlm.patch in sys.modules)
 
-__all__ = ["ArgumentError", "ArgumentTypeError", "layer_norm", "scaled_dot_product_attention", "varlen_attention", "use_backend", "backends", "nn", "optim", "patch", "__version__"]
+__all__ = ["ArgumentError", "ArgumentTypeError", "layer_norm", "add_layer_norm", "scaled_dot_product_attention", "varlen_attention", "use_backend", "backends", "nn", "optim", "patch", "__version__"]
 
 
 def __getattr__(name):

@@ -47,14 +47,15 @@ def test_compile_sm80_sm90_without_gpu(tmp_path):
         elf = subprocess.run([tool, "--list-elf", so[0]], capture_output=True, text=True).stdout
         assert ".sm_80." in elf and ".sm_90." in elf, elf
 
-    # Triton, for each arch: LayerNorm forward and backward per size and one column sum (5);
+    # Triton, for each arch: LayerNorm forward and backward per size, the same with the fused
+    # residual add + dropout (add_layer_norm) per size, and one column sum (9);
     # AdamW plain, clipped, scaled, scaled and clipped, and the sum of squares (5); attention
     # forward, dk/dv and dq, causal and not, for head dims 64 and 128 (12), and the
     # D = rowsum(dO * O) pass per head dim (2).
     cache = str(out / "triton")
     archs = _triton_cubin_archs(cache)
-    assert archs.count(80) == 24 and archs.count(90) == 24, archs
-    assert len(glob.glob(os.path.join(cache, "*", "*.cubin"))) == 48
+    assert archs.count(80) == 28 and archs.count(90) == 28, archs
+    assert len(glob.glob(os.path.join(cache, "*", "*.cubin"))) == 56
 
     # The extension loads from there (FASTLM_EXT_DIR) and reports its archs.
     env = dict(os.environ, FASTLM_EXT_DIR=str(out / "ext"))

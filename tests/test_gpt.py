@@ -240,6 +240,26 @@ def test_matches_torch_twin_under_tolerance_rule():
     torch.testing.assert_close(ours(idx)[0], twin(idx)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_residual_adds_and_norms_are_fused(monkeypatch):
+    """GPT runs each residual add + dropout + the next LayerNorm as one fastlm.add_layer_norm
+    call (2 per block); a forward hook on a block keeps the unfused path (and runs)."""
+    import fastlm.ops.add_layer_norm as aln
+
+    calls = []
+    real = aln.add_layer_norm
+    monkeypatch.setattr(aln, "add_layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = GPTConfig(vocab_size=61, block_size=16, n_layer=3, n_head=2, n_embd=16)
+    model = _model(GPT, config)
+    idx, targets = _batch(T=16)
+    fused = model(idx, targets)[1]
+    assert len(calls) == 2 * config.n_layer
+    seen = []
+    model.transformer.h[1].register_forward_hook(lambda *a: seen.append(1))
+    unfused = model(idx, targets)[1]
+    assert len(calls) == 2 * config.n_layer and seen == [1]
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+
+
 def test_converges_on_a_cyclic_sequence():
     """Sequences are windows of one fixed cycle of 13 distinct tokens (vocab 16) at random
     phases: every target is a function of its input token, so the best loss is 0, while a model

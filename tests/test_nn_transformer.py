@@ -582,6 +582,74 @@ def test_eval_no_grad_runs_fastlm_kernels(name, monkeypatch):
     assert counts["attention"] > 0 and counts["layer_norm"] > 0
 
 
+# ---------------------------------------------------------------------------------------------
+# The layers fuse each residual add + dropout + LayerNorm (fastlm.add_layer_norm), unless that
+# would skip user code: hooks on the norms or dropouts, or overridden blocks.
+def _count_add_layer_norm(monkeypatch):
+    import fastlm.ops.add_layer_norm as aln
+
+    calls = []
+    real = aln.add_layer_norm
+    monkeypatch.setattr(aln, "add_layer_norm", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("layer,fused", [("TransformerEncoderLayer", 2),
+                                         ("TransformerDecoderLayer", 3)])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_layers_fuse_residual_dropout_and_norm(monkeypatch, layer, fused, norm_first):
+    """Every residual add + dropout + LayerNorm of the layer is one fused call (norm_first:
+    one fewer, the last residual add has no norm after it); results as torch's (compared to
+    the float64 oracle within the tolerance rule)."""
+    ref, mod = _twins(layer, {"batch_first": True, "norm_first": norm_first})
+    calls = _count_add_layer_norm(monkeypatch)
+    inputs = [_x(N, L, D)] if layer == "TransformerEncoderLayer" else [_x(N, L, D),
+                                                                         _x(N, S, D, seed=3)]
+    compare(ref, mod, inputs, {})
+    per_call = fused - 1 if norm_first else fused
+    assert len(calls) > 0 and len(calls) % per_call == 0
+
+
+def test_hooks_and_overridden_blocks_keep_the_unfused_path(monkeypatch):
+    calls = _count_add_layer_norm(monkeypatch)
+    torch.manual_seed(0)
+    mod = fastlm.nn.TransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=True)
+    seen = []
+    mod.norm1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    mod(_x(N, L, D))
+    assert calls == [] and seen == [(N, L, D)]          # the hook ran: norm1 was called
+
+    class Custom(fastlm.nn.TransformerEncoderLayer):
+        def _ff_block(self, x):
+            return 0.5 * super()._ff_block(x)
+
+    torch.manual_seed(0)
+    custom = Custom(D, H, FF, dropout=0.0, batch_first=True)
+    plain = fastlm.nn.TransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=True)
+    plain.load_state_dict(custom.state_dict())
+    x = _x(N, L, D)
+    y = custom(x)
+    assert calls == []                                  # the override ran, unfused
+    h = plain.norm1(x + plain._sa_block(x, None, None))
+    manual = plain.norm2(h + 0.5 * plain._ff_block(h))
+    torch.testing.assert_close(y, manual, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_dropout_rate():
+    """The fused dropout the layers use drops about p of the branch's entries (seen through
+    summed = residual + drop(branch) with a zero residual) and scales the rest by 1/(1-p)."""
+    import fastlm.ops.add_layer_norm as aln
+
+    torch.manual_seed(0)
+    a = torch.randn(64, 256) + 1.0
+    x = torch.zeros(64, 256)
+    _, summed = aln.add_layer_norm(a, x, (256,), None, None, 1e-5, 0.25)
+    dropped = (summed == 0).float().mean().item()
+    assert abs(dropped - 0.25) < 4 * (0.25 * 0.75 / a.numel()) ** 0.5
+    kept = summed != 0
+    torch.testing.assert_close(summed[kept], a[kept] / 0.75)
+
+
 @pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerEncoder"])
 def test_mismatched_mask_types_warn_as_torch_and_match(name):
     """A bool src_key_padding_mask with a float mask: torch's deprecation warning, and the

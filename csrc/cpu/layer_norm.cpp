@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../attention.h"  // Philox4x32-10 and the dropout threshold/scale (shared with attention)
 #include "../layer_norm.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -50,19 +51,11 @@ FASTLM_INLINE T from_f(float v) {
 
 constexpr int64_t kSumBlock = 512;
 
+// Statistics and output of one row given as float32 values xf.
 template <typename T, typename W>
-FASTLM_INLINE void fwd_row(const T* __restrict x, const W* __restrict w, const W* __restrict b,
-                    T* __restrict y, float* mean, float* rstd, int64_t N, float eps,
-                    float* __restrict buf) {
-  // float32 rows are read in place; 16-bit rows are widened once into buf.
-  const float* xf;
-  if constexpr (std::is_same_v<T, float>) {
-    xf = x;
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < N; ++j) buf[j] = to_f(x[j]);
-    xf = buf;
-  }
+FASTLM_INLINE void norm_row(const float* __restrict xf, const W* __restrict w,
+                            const W* __restrict b, T* __restrict y, float* mean, float* rstd,
+                            int64_t N, float eps) {
   // Row sums: float SIMD lanes within blocks of kSumBlock elements, the block sums in double,
   // so the rounding error does not grow with the row length.
   double s = 0.0;
@@ -104,6 +97,22 @@ FASTLM_INLINE void fwd_row(const T* __restrict x, const W* __restrict w, const W
 }
 
 template <typename T, typename W>
+FASTLM_INLINE void fwd_row(const T* __restrict x, const W* __restrict w, const W* __restrict b,
+                    T* __restrict y, float* mean, float* rstd, int64_t N, float eps,
+                    float* __restrict buf) {
+  // float32 rows are read in place; 16-bit rows are widened once into buf.
+  const float* xf;
+  if constexpr (std::is_same_v<T, float>) {
+    xf = x;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) buf[j] = to_f(x[j]);
+    xf = buf;
+  }
+  norm_row(xf, w, b, y, mean, rstd, N, eps);
+}
+
+template <typename T, typename W>
 FASTLM_INLINE void fwd_rows(const T* x, const W* w, const W* b, T* y, float* mean, float* rstd,
                      int64_t r0, int64_t r1, int64_t N, float eps) {
   std::vector<float> buf(N);
@@ -111,9 +120,9 @@ FASTLM_INLINE void fwd_rows(const T* x, const W* w, const W* b, T* y, float* mea
     fwd_row(x + r * N, w, b, y + r * N, mean + r, rstd + r, N, eps, buf.data());
 }
 
-template <bool PARTIALS, bool HAS_W, typename T, typename W>
+template <bool PARTIALS, bool HAS_W, typename T, typename W, typename D>
 FASTLM_INLINE void bwd_row(const T* __restrict dy, const T* __restrict x, float mu, float rs,
-                    const W* __restrict w, T* __restrict dx, float* __restrict dw,
+                    const W* __restrict w, D* __restrict dx, float* __restrict dw,
                     float* __restrict db, int64_t N) {
   // Pass 1: the two row sums. Pass 2 re-reads x and dy (from L1/L2) instead of storing
   // xhat and g, which measured faster than keeping them in a row buffer.
@@ -136,7 +145,7 @@ FASTLM_INLINE void bwd_row(const T* __restrict dy, const T* __restrict x, float 
     const float dyj = to_f(dy[j]);
     const float xh = (to_f(x[j]) - mu) * rs;
     const float g = HAS_W ? dyj * to_f(w[j]) : dyj;
-    dx[j] = from_f<T>(rs * (g - c - xh * a));
+    dx[j] = from_f<D>(rs * (g - c - xh * a));
     if constexpr (PARTIALS) {
       dw[j] += dyj * xh;
       db[j] += dyj;
@@ -144,9 +153,9 @@ FASTLM_INLINE void bwd_row(const T* __restrict dy, const T* __restrict x, float 
   }
 }
 
-template <bool PARTIALS, bool HAS_W, typename T, typename W>
+template <bool PARTIALS, bool HAS_W, typename T, typename W, typename D>
 FASTLM_INLINE void bwd_rows_as(const T* dy, const T* x, const float* mean, const float* rstd,
-                               const W* w, T* dx, float* dw, float* db, int64_t r0, int64_t r1,
+                               const W* w, D* dx, float* dw, float* db, int64_t r0, int64_t r1,
                                int64_t N) {
   for (int64_t r = r0; r < r1; ++r)
     bwd_row<PARTIALS, HAS_W>(dy + r * N, x + r * N, mean[r], rstd[r], w, dx + r * N, dw, db, N);
@@ -164,6 +173,121 @@ FASTLM_INLINE void bwd_rows(const T* dy, const T* x, const float* mean, const fl
   else bwd_rows_as<false, false>(dy, x, mean, rstd, w, dx, dw, db, r0, r1, N);
 }
 
+// ------------------------------------------------------------------------------------------
+// Fused residual add + dropout + LayerNorm (fastlm.add_layer_norm, docs/layer_norm.md):
+//   forward:  s = round(residual + input * m), m = keep ? scale : 0 (m = 1 without dropout);
+//             then the LayerNorm row above on the rounded s (norm_row), s stored as `summed`.
+//   backward: g = LN-backward(dy) on s (bwd_row, into a float row) + grad_summed;
+//             grad_residual = g, grad_input = g * m (only with dropout; else it is g).
+// The keep bits of row r are regenerated from rng in both passes (dropout_keep_row).
+struct Dropout {
+  uint64_t seed = 0, offset = 0;
+  uint32_t thresh = 0;  // 0: no dropout
+  float scale = 1.f;
+};
+
+// m[j] for j < N (m has room for N rounded up to 8): Philox4x32-10 with counter
+// (j >> 3, r & 0xffffffff, r >> 32, offset) and key (seed lo, seed hi); 16 bits per column.
+FASTLM_INLINE void dropout_keep_row(const Dropout& d, int64_t r, int64_t N, uint32_t* __restrict words,
+                                    float* __restrict m) {
+  const int64_t G = (N + 7) / 8;
+  const uint32_t rlo = uint32_t(uint64_t(r)), rhi = uint32_t(uint64_t(r) >> 32);
+  const uint32_t off = uint32_t(d.offset), k0 = uint32_t(d.seed), k1 = uint32_t(d.seed >> 32);
+  // Independent Philox calls, one per 8 columns (words: 4 per group).
+  for (int64_t g = 0; g < G; ++g) {
+    const Philox4 x = philox4x32_10(uint32_t(g), rlo, rhi, off, k0, k1);
+    for (int q = 0; q < 4; ++q) words[4 * g + q] = x.x[q];
+  }
+  const float sc = d.scale;
+  const uint32_t th = d.thresh;
+#pragma omp simd
+  for (int64_t j = 0; j < G * 8; ++j) {
+    const uint32_t bits = (words[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
+    m[j] = bits >= th ? sc : 0.f;
+  }
+}
+
+template <bool DROP, typename T, typename W>
+FASTLM_INLINE void add_fwd_row(const T* __restrict x, const T* __restrict res,
+                               const W* __restrict w, const W* __restrict b, T* __restrict y,
+                               T* __restrict s, float* mean, float* rstd, int64_t N, float eps,
+                               const float* __restrict m, float* __restrict buf) {
+  if constexpr (std::is_same_v<T, float>) {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) s[j] = res[j] + (DROP ? x[j] * m[j] : x[j]);
+    norm_row(s, w, b, y, mean, rstd, N, eps);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) {
+      const T v = from_f<T>(to_f(res[j]) + (DROP ? to_f(x[j]) * m[j] : to_f(x[j])));
+      s[j] = v;
+      buf[j] = to_f(v);
+    }
+    norm_row(buf, w, b, y, mean, rstd, N, eps);
+  }
+}
+
+template <typename T, typename W>
+FASTLM_INLINE void add_fwd_rows(const T* x, const T* res, const W* w, const W* b, T* y, T* s,
+                                float* mean, float* rstd, int64_t r0, int64_t r1, int64_t N,
+                                float eps, const Dropout& d) {
+  const int64_t n8 = (N + 7) / 8 * 8;
+  std::vector<float> buf(N), m(d.thresh ? n8 : 0);
+  std::vector<uint32_t> words(d.thresh ? n8 / 2 : 0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * N;
+    if (d.thresh) {
+      dropout_keep_row(d, r, N, words.data(), m.data());
+      add_fwd_row<true>(x + o, res + o, w, b, y + o, s + o, mean + r, rstd + r, N, eps, m.data(),
+                        buf.data());
+    } else {
+      add_fwd_row<false>(x + o, res + o, w, b, y + o, s + o, mean + r, rstd + r, N, eps,
+                         nullptr, buf.data());
+    }
+  }
+}
+
+template <bool HAS_GS, bool DROP, typename T>
+FASTLM_INLINE void add_bwd_epilogue(const float* __restrict g, const T* __restrict gs,
+                                    const float* __restrict m, T* __restrict dres,
+                                    T* __restrict din, int64_t N) {
+#pragma omp simd
+  for (int64_t j = 0; j < N; ++j) {
+    const float v = HAS_GS ? g[j] + to_f(gs[j]) : g[j];
+    dres[j] = from_f<T>(v);
+    if constexpr (DROP) din[j] = from_f<T>(v * m[j]);
+  }
+}
+
+template <bool PARTIALS, bool HAS_W, typename T, typename W>
+FASTLM_INLINE void add_bwd_rows_as(const T* dy, const T* gs, const T* s, const float* mean,
+                                   const float* rstd, const W* w, T* dres, T* din, float* dw,
+                                   float* db, int64_t r0, int64_t r1, int64_t N,
+                                   const Dropout& d) {
+  const int64_t n8 = (N + 7) / 8 * 8;
+  std::vector<float> g(N), m(din ? n8 : 0);
+  std::vector<uint32_t> words(din ? n8 / 2 : 0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * N;
+    bwd_row<PARTIALS, HAS_W>(dy + o, s + o, mean[r], rstd[r], w, g.data(), dw, db, N);
+    if (din) dropout_keep_row(d, r, N, words.data(), m.data());
+    if (gs && din) add_bwd_epilogue<true, true>(g.data(), gs + o, m.data(), dres + o, din + o, N);
+    else if (gs) add_bwd_epilogue<true, false>(g.data(), gs + o, m.data(), dres + o, din, N);
+    else if (din) add_bwd_epilogue<false, true>(g.data(), gs, m.data(), dres + o, din + o, N);
+    else add_bwd_epilogue<false, false>(g.data(), gs, m.data(), dres + o, din, N);
+  }
+}
+
+template <typename T, typename W>
+FASTLM_INLINE void add_bwd_rows(const T* dy, const T* gs, const T* s, const float* mean,
+                                const float* rstd, const W* w, T* dres, T* din, float* dw,
+                                float* db, int64_t r0, int64_t r1, int64_t N, const Dropout& d) {
+  if (dw && w) add_bwd_rows_as<true, true>(dy, gs, s, mean, rstd, w, dres, din, dw, db, r0, r1, N, d);
+  else if (dw) add_bwd_rows_as<true, false>(dy, gs, s, mean, rstd, w, dres, din, dw, db, r0, r1, N, d);
+  else if (w) add_bwd_rows_as<false, true>(dy, gs, s, mean, rstd, w, dres, din, dw, db, r0, r1, N, d);
+  else add_bwd_rows_as<false, false>(dy, gs, s, mean, rstd, w, dres, din, dw, db, r0, r1, N, d);
+}
+
 // One non-template driver per (input, parameter) dtype pair, cloned per ISA.
 #define FASTLM_LN_DRIVERS(T, W, tag)                                                          \
   FASTLM_CLONES void fwd_##tag(const T* x, const W* w, const W* b, T* y, float* mean,         \
@@ -174,6 +298,17 @@ FASTLM_INLINE void bwd_rows(const T* dy, const T* x, const float* mean, const fl
                                const W* w, T* dx, float* dw, float* db, int64_t r0,           \
                                int64_t r1, int64_t N) {                                       \
     bwd_rows<T, W>(dy, x, mean, rstd, w, dx, dw, db, r0, r1, N);                              \
+  }                                                                                           \
+  FASTLM_CLONES void add_fwd_##tag(const T* x, const T* res, const W* w, const W* b, T* y,    \
+                                   T* s, float* mean, float* rstd, int64_t r0, int64_t r1,    \
+                                   int64_t N, float eps, const Dropout& d) {                  \
+    add_fwd_rows<T, W>(x, res, w, b, y, s, mean, rstd, r0, r1, N, eps, d);                    \
+  }                                                                                           \
+  FASTLM_CLONES void add_bwd_##tag(const T* dy, const T* gs, const T* s, const float* mean,   \
+                                   const float* rstd, const W* w, T* dres, T* din, float* dw, \
+                                   float* db, int64_t r0, int64_t r1, int64_t N,              \
+                                   const Dropout& d) {                                        \
+    add_bwd_rows<T, W>(dy, gs, s, mean, rstd, w, dres, din, dw, db, r0, r1, N, d);            \
   }
 FASTLM_LN_DRIVERS(float, float, f32)
 FASTLM_LN_DRIVERS(c10::Half, c10::Half, f16)
@@ -245,6 +380,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   return {y, mean, rstd};
 }
 
+// out[j] = sum over chunks c of p[c * N + j], column by column in chunk order (deterministic).
+void reduce_partials(at::Tensor& out, const float* p, int64_t chunks, int64_t N) {
+  if (!out.numel()) return;
+  std::vector<float> acc(N, 0.f);
+  at::parallel_for(0, N, 2048, [&](int64_t j0, int64_t j1) {
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t j = j0; j < j1; ++j) acc[j] += p[c * N + j];
+  });
+  switch (out.scalar_type()) {
+    case at::kFloat: std::memcpy(out.mutable_data_ptr<float>(), acc.data(), N * 4); break;
+    case at::kHalf: {
+      auto* o = out.mutable_data_ptr<c10::Half>();
+      for (int64_t j = 0; j < N; ++j) o[j] = c10::Half(acc[j]);
+    } break;
+    case at::kBFloat16: {
+      auto* o = out.mutable_data_ptr<c10::BFloat16>();
+      for (int64_t j = 0; j < N; ++j) o[j] = c10::BFloat16(acc[j]);
+    } break;
+    default: TORCH_CHECK(false, "fastlm.layer_norm: unsupported parameter dtype");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
@@ -280,30 +437,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     FASTLM_LN_DISPATCH(x.scalar_type(), pf32, CALL)
 #undef CALL
   }
-  // Sum the chunk partials column by column, in chunk order.
-  auto reduce = [&](at::Tensor& out, const float* p) {
-    if (!out.numel()) return;
-    std::vector<float> acc(N, 0.f);
-    at::parallel_for(0, N, 2048, [&](int64_t j0, int64_t j1) {
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t j = j0; j < j1; ++j) acc[j] += p[c * N + j];
-    });
-    switch (out.scalar_type()) {
-      case at::kFloat: std::memcpy(out.mutable_data_ptr<float>(), acc.data(), N * 4); break;
-      case at::kHalf: {
-        auto* o = out.mutable_data_ptr<c10::Half>();
-        for (int64_t j = 0; j < N; ++j) o[j] = c10::Half(acc[j]);
-      } break;
-      case at::kBFloat16: {
-        auto* o = out.mutable_data_ptr<c10::BFloat16>();
-        for (int64_t j = 0; j < N; ++j) o[j] = c10::BFloat16(acc[j]);
-      } break;
-      default: TORCH_CHECK(false, "fastlm.layer_norm: unsupported parameter dtype");
-    }
-  };
-  if (weight_grad) reduce(dw, part.const_data_ptr<float>());
-  if (bias_grad) reduce(db, part.const_data_ptr<float>() + chunks * N);
+  if (weight_grad) reduce_partials(dw, part.const_data_ptr<float>(), chunks, N);
+  if (bias_grad) reduce_partials(db, part.const_data_ptr<float>() + chunks * N, chunks, N);
   return {dx, dw, db};
+}
+
+// ------------------------------------------------------------------------------------------
+// fastlm.add_layer_norm (csrc/fastlm.cpp has the schemas).
+Dropout make_dropout(const std::optional<at::Tensor>& rng, double dropout_p, bool on) {
+  Dropout d;
+  if (!on) return d;
+  const int64_t* r = rng->contiguous().const_data_ptr<int64_t>();
+  d.seed = uint64_t(r[0]);
+  d.offset = uint64_t(r[1]);
+  d.thresh = dropout_threshold(dropout_p);
+  d.scale = dropout_scale(d.thresh);
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& rng, double dropout_p,
+    double eps) {
+  const bool drop = aln_check_fwd(input, residual, weight, bias, rng, dropout_p);
+  const bool pf32 = params_f32(input, weight, bias);
+  const Dropout d = make_dropout(rng, dropout_p, drop);
+  const at::Tensor x = input.contiguous(), res = residual.contiguous();
+  const auto w = contig(weight), b = contig(bias);
+  const int64_t M = x.size(0), N = x.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor s = at::empty({M, N}, x.options());
+  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {y, s, mean, rstd};
+  if (N == 0) {
+    mean.fill_(std::nanf(""));
+    rstd.fill_(std::nanf(""));
+    return {y, s, mean, rstd};
+  }
+  const float feps = static_cast<float>(eps);
+#define CALL(T, W, tag)                                                                       \
+  at::parallel_for(0, M, kGrainRows, [&](int64_t r0, int64_t r1) {                            \
+    add_fwd_##tag(x.const_data_ptr<T>(), res.const_data_ptr<T>(),                             \
+                  static_cast<const W*>(opt_ptr(w)), static_cast<const W*>(opt_ptr(b)),      \
+                  y.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(),                           \
+                  mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), r0, r1, N, \
+                  feps, d);                                                                   \
+  })
+  FASTLM_LN_DISPATCH(x.scalar_type(), pf32, CALL)
+#undef CALL
+  return {y, s, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_summed,
+    const at::Tensor& summed, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& rng, double dropout_p, bool input_grad, bool weight_grad,
+    bool bias_grad) {
+  const bool want_din = aln_check_bwd(grad_out, grad_summed, summed, mean, rstd, weight, bias,
+                                      rng, dropout_p, input_grad, weight_grad, bias_grad);
+  const bool pf32 = params_f32(summed, weight, bias);
+  const Dropout d = make_dropout(rng, dropout_p, want_din);
+  const at::Tensor s = summed.contiguous(), dy = grad_out.contiguous();
+  const bool has_gs = grad_summed.has_value() && grad_summed->defined();
+  const at::Tensor gs = has_gs ? grad_summed->contiguous() : at::Tensor();
+  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
+  const auto w = contig(weight);
+  const int64_t M = s.size(0), N = s.size(1);
+  at::Tensor dres = at::empty({M, N}, s.options());
+  at::Tensor din = want_din ? at::empty({M, N}, s.options())
+                            : at::empty({0}, s.options());
+  at::Tensor dw = ln_param_grad(weight, weight_grad, s);
+  at::Tensor db = ln_param_grad(bias, bias_grad, s);
+  const bool partials = weight_grad || bias_grad;
+  // Fixed chunking (independent of the thread count) keeps dw/db bit-reproducible.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(M, 32));
+  at::Tensor part;
+  if (partials) part = at::empty({2, chunks, N}, s.options().dtype(at::kFloat)).zero_();
+  if (M > 0 && N > 0) {
+    float* pw = partials ? part.mutable_data_ptr<float>() : nullptr;
+    float* pb = partials ? part.mutable_data_ptr<float>() + chunks * N : nullptr;
+#define CALL(T, W, tag)                                                                       \
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {                                \
+    for (int64_t c = c0; c < c1; ++c) {                                                       \
+      const int64_t r0 = c * M / chunks, r1 = (c + 1) * M / chunks;                           \
+      add_bwd_##tag(dy.const_data_ptr<T>(), has_gs ? gs.const_data_ptr<T>() : nullptr,        \
+                    s.const_data_ptr<T>(), mu.const_data_ptr<float>(),                        \
+                    rs.const_data_ptr<float>(), static_cast<const W*>(opt_ptr(w)),            \
+                    dres.mutable_data_ptr<T>(), want_din ? din.mutable_data_ptr<T>() : nullptr, \
+                    pw ? pw + c * N : nullptr, pb ? pb + c * N : nullptr, r0, r1, N, d);      \
+    }                                                                                         \
+  })
+    FASTLM_LN_DISPATCH(s.scalar_type(), pf32, CALL)
+#undef CALL
+  }
+  if (weight_grad) reduce_partials(dw, part.const_data_ptr<float>(), chunks, N);
+  if (bias_grad) reduce_partials(db, part.const_data_ptr<float>() + chunks * N, chunks, N);
+  return {dres, din, dw, db};
 }
 
 }  // namespace
@@ -311,6 +542,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_cpu);
+  m.impl("add_layer_norm_bwd", &add_layer_norm_bwd_cpu);
 }
 
 }  // namespace fastlm

@@ -14,6 +14,12 @@
 //   the same math, re-reading the row from global memory (L2-resident) for each pass; the
 //   backward's partial rows are read-modify-written by the block that owns them.
 // Reduce kernel: out[j] = sum over partial rows r of part[r, j], in r order (bit-reproducible).
+//
+// Fused residual add + dropout (fastlm.add_layer_norm, template flag ADD): the forward reads
+// s = round(residual + x * m) (m = scale where kept, else 0; 1 without dropout) instead of x,
+// stores it as `summed` and normalizes the rounded values; the backward (x = summed) adds
+// grad_summed to dx (= grad_residual) and stores grad_input = dx * m. The keep bits
+// (docs/layer_norm.md) are recomputed from rng in both passes: one Philox call per 8 columns.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -24,12 +30,94 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../attention.h"  // Philox4x32-10, the dropout threshold/scale (shared with attention)
 #include "../layer_norm.h"
 #include "common.cuh"
 
 namespace fastlm {
 namespace cuda {
 namespace {
+
+// Extra arguments of the fused add (ADD); unused otherwise.
+struct AddArgs {
+  const void* res = nullptr;      // forward: residual (T)
+  void* summed = nullptr;         // forward: summed output (T)
+  const void* gs = nullptr;       // backward: grad_summed (T), or null
+  void* din = nullptr;            // backward: grad_input (T), or null (no dropout)
+  const int64_t* rng = nullptr;   // (seed, offset) on the device
+  uint32_t thresh = 0;            // 0: no dropout
+  float scale = 1.f;
+};
+
+struct DropKey {
+  uint64_t seed, offset;
+};
+
+__device__ __forceinline__ DropKey drop_key(const AddArgs& a) {
+  if (a.thresh == 0) return DropKey{0, 0};
+  return DropKey{uint64_t(a.rng[0]), uint64_t(a.rng[1])};
+}
+
+// Keep bits (bit q: column j + q) of columns j .. j + VEC - 1 of `row` (VEC divides 8 and j is
+// a multiple of VEC, so they come from one Philox call).
+template <int VEC>
+__device__ __forceinline__ uint32_t keep_bits(const AddArgs& a, const DropKey& k, int64_t row,
+                                              int j) {
+  const uint32_t keep = dropout_keep8(k.seed, k.offset, uint32_t(uint64_t(row) >> 32),
+                                      uint32_t(uint64_t(row)), uint32_t(j >> 3), a.thresh);
+  return (keep >> (j & 7)) & ((1u << VEC) - 1u);
+}
+
+// m[q] = scale where column j + q is kept, else 0.
+template <int VEC>
+__device__ __forceinline__ void drop_factors(const AddArgs& a, const DropKey& k, int64_t row,
+                                             int j, float (&m)[VEC]) {
+  const uint32_t bits = keep_bits<VEC>(a, k, row, j);
+#pragma unroll
+  for (int q = 0; q < VEC; ++q) m[q] = ((bits >> q) & 1u) ? a.scale : 0.f;
+}
+
+// v (x at columns j..) becomes the rounded s; s is stored to summed. `bits`: the keep bits of
+// these columns (used only with dropout).
+template <typename T, int VEC>
+__device__ __forceinline__ void add_residual(const AddArgs& a, int64_t row, int N, int j,
+                                             uint32_t bits, float (&v)[VEC]) {
+  float rv[VEC];
+  load_f<T, VEC>(static_cast<const T*>(a.res) + row * N + j, rv);
+  if (a.thresh) {
+#pragma unroll
+    for (int q = 0; q < VEC; ++q) v[q] *= ((bits >> q) & 1u) ? a.scale : 0.f;
+  }
+#pragma unroll
+  for (int q = 0; q < VEC; ++q) v[q] = rv[q] + v[q];
+  store_f<T, VEC>(static_cast<T*>(a.summed) + row * N + j, v);
+#pragma unroll
+  for (int q = 0; q < VEC; ++q) v[q] = to_f(from_f<T>(v[q]));
+}
+
+// Stores dx (columns j..); with ADD, adds grad_summed first and also stores dx * m to din.
+template <typename T, int VEC, bool ADD>
+__device__ __forceinline__ void store_dx(T* __restrict dx, const AddArgs& a, const DropKey& k,
+                                         int64_t row, int N, int j, float (&o)[VEC]) {
+  if constexpr (ADD) {
+    if (a.gs) {
+      float g[VEC];
+      load_f<T, VEC>(static_cast<const T*>(a.gs) + row * N + j, g);
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) o[q] += g[q];
+    }
+  }
+  store_f<T, VEC>(dx + row * N + j, o);
+  if constexpr (ADD) {
+    if (a.din) {
+      float m[VEC];
+      drop_factors<VEC>(a, k, row, j, m);
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) o[q] *= m[q];
+      store_f<T, VEC>(static_cast<T*>(a.din) + row * N + j, o);
+    }
+  }
+}
 
 // Thread caps of the register kernels, enforced with __launch_bounds__ so ptxas keeps the
 // registers within what a block of that size may use (the planner never exceeds them).
@@ -38,15 +126,28 @@ constexpr int bwd_reg_max_threads(int items) { return items >= 4 ? 256 : 512; }
 
 // ------------------------------------------------------------------------------------------
 // Forward, whole row in registers.
-template <typename T, int VEC, int ITEMS>
+template <typename T, int VEC, int ITEMS, bool ADD>
 __global__ void __launch_bounds__(kFwdRegMaxThreads) ln_fwd_reg(const T* __restrict x, const void* __restrict w,
                            const void* __restrict b, bool param_f32, T* __restrict y,
                            float* __restrict mean, float* __restrict rstd, int64_t M, int N,
-                           float eps) {
+                           float eps, AddArgs a) {
   extern __shared__ float smem[];
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool live = row < M;  // dead rows still join the block-wide reductions
   const T* xr = x + row * N;
+  // Dropout: the keep bits of all ITEMS vectors first, one Philox call at a time (interleaved
+  // with the row in registers, the unrolled calls would spill).
+  uint64_t kb = 0;
+  if constexpr (ADD) {
+    if (a.thresh && live) {
+      const DropKey key = drop_key(a);
+#pragma unroll 1
+      for (int i = 0; i < ITEMS; ++i) {
+        const int j = (threadIdx.x + i * blockDim.x) * VEC;
+        if (j < N) kb |= uint64_t(keep_bits<VEC>(a, key, row, j)) << (i * VEC);
+      }
+    }
+  }
   float v[ITEMS][VEC];
   float s = 0.f, unused = 0.f;
 #pragma unroll
@@ -54,6 +155,7 @@ __global__ void __launch_bounds__(kFwdRegMaxThreads) ln_fwd_reg(const T* __restr
     const int j = (threadIdx.x + i * blockDim.x) * VEC;
     if (live && j < N) {
       load_f<T, VEC>(xr + j, v[i]);
+      if constexpr (ADD) add_residual<T, VEC>(a, row, N, j, uint32_t(kb >> (i * VEC)), v[i]);
     } else {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v[i][k] = 0.f;
@@ -98,17 +200,24 @@ __global__ void __launch_bounds__(kFwdRegMaxThreads) ln_fwd_reg(const T* __restr
 }
 
 // Forward, any row length: one row per block (TY == 1), three passes over the row.
-template <typename T, int VEC>
+template <typename T, int VEC, bool ADD>
 __global__ void ln_fwd_loop(const T* __restrict x, const void* __restrict w,
                             const void* __restrict b, bool param_f32, T* __restrict y,
-                            float* __restrict mean, float* __restrict rstd, int N, float eps) {
+                            float* __restrict mean, float* __restrict rstd, int N, float eps,
+                            AddArgs a) {
   extern __shared__ float smem[];
   const int64_t row = blockIdx.x;
-  const T* xr = x + row * N;
+  // With ADD the first pass makes and stores s; the later passes re-read it (each thread
+  // reads back only what it wrote).
+  const T* xr = ADD ? static_cast<const T*>(a.summed) + row * N : x + row * N;
+  DropKey key{0, 0};
+  if constexpr (ADD) key = drop_key(a);
   float s = 0.f, unused = 0.f;
   for (int j = threadIdx.x * VEC; j < N; j += blockDim.x * VEC) {
     float v[VEC];
-    load_f<T, VEC>(xr + j, v);
+    load_f<T, VEC>(x + row * N + j, v);
+    if constexpr (ADD)
+      add_residual<T, VEC>(a, row, N, j, a.thresh ? keep_bits<VEC>(a, key, row, j) : 0u, v);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s += v[k];
   }
@@ -142,13 +251,15 @@ __global__ void ln_fwd_loop(const T* __restrict x, const void* __restrict w,
 // ------------------------------------------------------------------------------------------
 // Backward, whole row in registers; grid-stride over groups of blockDim.y rows.
 // part: [gridDim.x * blockDim.y, N] float32 partial dw, then the same for db (or null).
-template <typename T, int VEC, int ITEMS>
+template <typename T, int VEC, int ITEMS, bool ADD>
 __global__ void __launch_bounds__(bwd_reg_max_threads(ITEMS)) ln_bwd_reg(const T* __restrict dy, const T* __restrict x,
                            const float* __restrict mean, const float* __restrict rstd,
                            const void* __restrict w, bool param_f32, T* __restrict dx,
                            float* __restrict part_w, float* __restrict part_b, int64_t M,
-                           int N) {
+                           int N, AddArgs add) {
   extern __shared__ float smem[];
+  DropKey key{0, 0};
+  if constexpr (ADD) key = drop_key(add);
   float dw[ITEMS][VEC], db[ITEMS][VEC];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i)
@@ -194,7 +305,7 @@ __global__ void __launch_bounds__(bwd_reg_max_threads(ITEMS)) ln_bwd_reg(const T
           float o[VEC];
 #pragma unroll
           for (int k = 0; k < VEC; ++k) o[k] = rs * (gv[i][k] - c - xh[i][k] * a);
-          store_f<T, VEC>(dx + row * N + j, o);
+          store_dx<T, VEC, ADD>(dx, add, key, row, N, j, o);
         }
       }
     }
@@ -216,13 +327,15 @@ __global__ void __launch_bounds__(bwd_reg_max_threads(ITEMS)) ln_bwd_reg(const T
 
 // Backward, any row length: block b handles rows b, b + gridDim.x, ... (TY == 1) and owns
 // partial row b, which it read-modify-writes (zeroed by its first row).
-template <typename T, int VEC>
+template <typename T, int VEC, bool ADD>
 __global__ void ln_bwd_loop(const T* __restrict dy, const T* __restrict x,
                             const float* __restrict mean, const float* __restrict rstd,
                             const void* __restrict w, bool param_f32, T* __restrict dx,
                             float* __restrict part_w, float* __restrict part_b, int64_t M,
-                            int N) {
+                            int N, AddArgs add) {
   extern __shared__ float smem[];
+  DropKey key{0, 0};
+  if constexpr (ADD) key = drop_key(add);
   float* pw = part_w ? part_w + int64_t(blockIdx.x) * N : nullptr;
   float* pb = part_b ? part_b + int64_t(blockIdx.x) * N : nullptr;
   bool first = true;
@@ -260,7 +373,7 @@ __global__ void ln_bwd_loop(const T* __restrict dy, const T* __restrict x,
           pb[j + k] = (first ? 0.f : pb[j + k]) + dv[k];
         }
       }
-      store_f<T, VEC>(dx + row * N + j, o);
+      store_dx<T, VEC, ADD>(dx, add, key, row, N, j, o);
     }
     first = false;
   }
@@ -372,6 +485,53 @@ bool params_f32(const at::Tensor& x, const std::optional<at::Tensor>& w,
 
 size_t reduce_smem(const Plan& p) { return sizeof(float) * 2 * p.ty * (p.tx / 32); }
 
+// Launches the forward on allocated outputs (M, N > 0); ADD when a.res is set.
+void launch_fwd(const at::Tensor& x, const std::optional<at::Tensor>& w,
+                const std::optional<at::Tensor>& b, bool pf32, at::Tensor& y, at::Tensor& mean,
+                at::Tensor& rstd, double eps, const AddArgs& a) {
+  const int64_t M = x.size(0), N = x.size(1);
+  const bool add = a.res != nullptr;
+  const bool aligned = aligned16(x.const_data_ptr()) && aligned16(y.const_data_ptr()) &&
+                       (!w || aligned16(w->const_data_ptr())) &&
+                       (!b || aligned16(b->const_data_ptr())) &&
+                       (!add || (aligned16(a.res) && aligned16(a.summed)));
+  const Plan p = plan_rows(N, x.element_size(), aligned, 8, [](int) { return kFwdRegMaxThreads; });
+  const int64_t groups = (M + p.ty - 1) / p.ty;
+  TORCH_CHECK(groups <= std::numeric_limits<int32_t>::max(), "fastlm.layer_norm: input has ", M,
+              " rows; at most ", std::numeric_limits<int32_t>::max(), " row blocks per call");
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 block(p.tx, p.ty);
+  const size_t smem = reduce_smem(p);
+  dispatch_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int FULL = 16 / sizeof(T);
+    const T* xp = static_cast<const T*>(x.const_data_ptr());
+    T* yp = static_cast<T*>(y.mutable_data_ptr());
+    auto go = [&](auto add_c) {
+      constexpr bool ADD = decltype(add_c)::value;
+      if (p.items > 0) {
+        dispatch_items(p.items, [&](auto items) {
+          ln_fwd_reg<T, FULL, decltype(items)::value, ADD>
+              <<<unsigned(groups), block, smem, stream>>>(
+                  xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
+                  rstd.mutable_data_ptr<float>(), M, int(N), float(eps), a);
+        });
+      } else if (p.vec == FULL) {
+        ln_fwd_loop<T, FULL, ADD><<<unsigned(M), block, smem, stream>>>(
+            xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
+            rstd.mutable_data_ptr<float>(), int(N), float(eps), a);
+      } else {
+        ln_fwd_loop<T, 1, ADD><<<unsigned(M), block, smem, stream>>>(
+            xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
+            rstd.mutable_data_ptr<float>(), int(N), float(eps), a);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (add) go(std::true_type{});
+    else go(std::false_type{});
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
@@ -390,39 +550,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
     rstd.fill_(NAN);
     return {y, mean, rstd};
   }
-  const bool aligned = aligned16(x.const_data_ptr()) && aligned16(y.const_data_ptr()) &&
-                       (!w || aligned16(w->const_data_ptr())) &&
-                       (!b || aligned16(b->const_data_ptr()));
-  const Plan p = plan_rows(N, x.element_size(), aligned, 8, [](int) { return kFwdRegMaxThreads; });
-  const int64_t groups = (M + p.ty - 1) / p.ty;
-  TORCH_CHECK(groups <= std::numeric_limits<int32_t>::max(), "fastlm.layer_norm: input has ", M,
-              " rows; at most ", std::numeric_limits<int32_t>::max(), " row blocks per call");
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 block(p.tx, p.ty);
-  const size_t smem = reduce_smem(p);
-  dispatch_type(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    constexpr int FULL = 16 / sizeof(T);
-    const T* xp = static_cast<const T*>(x.const_data_ptr());
-    T* yp = static_cast<T*>(y.mutable_data_ptr());
-    if (p.items > 0) {
-      dispatch_items(p.items, [&](auto items) {
-        ln_fwd_reg<T, FULL, decltype(items)::value><<<unsigned(groups), block, smem, stream>>>(
-            xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
-            rstd.mutable_data_ptr<float>(), M, int(N), float(eps));
-      });
-    } else if (p.vec == FULL) {
-      ln_fwd_loop<T, FULL><<<unsigned(M), block, smem, stream>>>(
-          xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
-          rstd.mutable_data_ptr<float>(), int(N), float(eps));
-    } else {
-      ln_fwd_loop<T, 1><<<unsigned(M), block, smem, stream>>>(
-          xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
-          rstd.mutable_data_ptr<float>(), int(N), float(eps));
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_fwd(x, w, b, pf32, y, mean, rstd, eps, AddArgs{});
   return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& rng, double dropout_p,
+    double eps) {
+  const bool drop = aln_check_fwd(input, residual, weight, bias, rng, dropout_p);
+  const bool pf32 = params_f32(input, weight, bias);
+  c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous(), res = residual.contiguous();
+  const auto w = contig(weight), b = contig(bias);
+  const int64_t M = x.size(0), N = x.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor s = at::empty({M, N}, x.options());
+  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {y, s, mean, rstd};
+  if (N == 0) {
+    mean.fill_(NAN);
+    rstd.fill_(NAN);
+    return {y, s, mean, rstd};
+  }
+  at::Tensor r = drop ? rng->contiguous() : at::Tensor();
+  AddArgs a;
+  a.res = res.const_data_ptr();
+  a.summed = s.mutable_data_ptr();
+  if (drop) {
+    a.rng = r.const_data_ptr<int64_t>();
+    a.thresh = dropout_threshold(dropout_p);
+    a.scale = dropout_scale(a.thresh);
+  }
+  launch_fwd(x, w, b, pf32, y, mean, rstd, eps, a);
+  return {y, s, mean, rstd};
 }
 
 // dw (dbias) from the partial sets part[0] (part[1]); an undefined/empty output is skipped.
@@ -454,29 +616,15 @@ int blocks_per_sm(K kernel, int threads, size_t smem, int device) {
   return n;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool weight_grad, bool bias_grad) {
-  ln_check_bwd(grad_out, input, mean, rstd, weight, bias, weight_grad, bias_grad);
-  const bool pf32 = params_f32(input, weight, bias);
-  c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
-  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
-  const auto w = contig(weight);
+// Launches the backward (M, N > 0) into dx and, when partials, dw/db; ADD when `add`.
+void launch_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mu,
+                const at::Tensor& rs, const std::optional<at::Tensor>& w, bool pf32,
+                at::Tensor& dx, at::Tensor& dw, at::Tensor& db, bool partials, bool add,
+                const AddArgs& a) {
   const int64_t M = x.size(0), N = x.size(1);
-  at::Tensor dx = at::empty({M, N}, x.options());
-  at::Tensor dw = ln_param_grad(weight, weight_grad, x);
-  at::Tensor db = ln_param_grad(bias, bias_grad, x);
-  const bool partials = weight_grad || bias_grad;
-  if (N == 0) return {dx, dw, db};
-  if (M == 0) {
-    if (dw.numel()) dw.zero_();
-    if (db.numel()) db.zero_();
-    return {dx, dw, db};
-  }
   const bool aligned = aligned16(x.const_data_ptr()) && aligned16(dy.const_data_ptr()) &&
-                       aligned16(dx.const_data_ptr()) && (!w || aligned16(w->const_data_ptr()));
+                       aligned16(dx.const_data_ptr()) && (!w || aligned16(w->const_data_ptr())) &&
+                       (!a.gs || aligned16(a.gs)) && (!a.din || aligned16(a.din));
   const Plan p = plan_rows(N, x.element_size(), aligned, 4, bwd_reg_max_threads);
   TORCH_CHECK(p.items <= 4, "fastlm.layer_norm: internal error: backward plan ITEMS ", p.items);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -504,17 +652,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
       }
       kernel<<<unsigned(grid), block, smem, stream>>>(
           dyp, xp, mu.const_data_ptr<float>(), rs.const_data_ptr<float>(), opt_ptr(w), pf32, dxp,
-          pw, pw ? pw + prows * N : nullptr, M, int(N));
+          pw, pw ? pw + prows * N : nullptr, M, int(N), a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (partials) launch_column_sum(pw, prows, N, dw, db, stream);
     };
-    if (p.items == 1) run(ln_bwd_reg<T, FULL, 1>);
-    else if (p.items == 2) run(ln_bwd_reg<T, FULL, 2>);
-    else if (p.items == 4) run(ln_bwd_reg<T, FULL, 4>);
-    else if (p.vec == FULL) run(ln_bwd_loop<T, FULL>);
-    else run(ln_bwd_loop<T, 1>);
+    auto go = [&](auto add_c) {
+      constexpr bool ADD = decltype(add_c)::value;
+      if (p.items == 1) run(ln_bwd_reg<T, FULL, 1, ADD>);
+      else if (p.items == 2) run(ln_bwd_reg<T, FULL, 2, ADD>);
+      else if (p.items == 4) run(ln_bwd_reg<T, FULL, 4, ADD>);
+      else if (p.vec == FULL) run(ln_bwd_loop<T, FULL, ADD>);
+      else run(ln_bwd_loop<T, 1, ADD>);
+    };
+    if (add) go(std::true_type{});
+    else go(std::false_type{});
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool weight_grad, bool bias_grad) {
+  ln_check_bwd(grad_out, input, mean, rstd, weight, bias, weight_grad, bias_grad);
+  const bool pf32 = params_f32(input, weight, bias);
+  c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
+  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
+  const auto w = contig(weight);
+  const int64_t M = x.size(0), N = x.size(1);
+  at::Tensor dx = at::empty({M, N}, x.options());
+  at::Tensor dw = ln_param_grad(weight, weight_grad, x);
+  at::Tensor db = ln_param_grad(bias, bias_grad, x);
+  if (N == 0) return {dx, dw, db};
+  if (M == 0) {
+    if (dw.numel()) dw.zero_();
+    if (db.numel()) db.zero_();
+    return {dx, dw, db};
+  }
+  launch_bwd(dy, x, mu, rs, w, pf32, dx, dw, db, weight_grad || bias_grad, false, AddArgs{});
   return {dx, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_summed,
+    const at::Tensor& summed, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& rng, double dropout_p, bool input_grad, bool weight_grad,
+    bool bias_grad) {
+  const bool want_din = aln_check_bwd(grad_out, grad_summed, summed, mean, rstd, weight, bias,
+                                      rng, dropout_p, input_grad, weight_grad, bias_grad);
+  const bool pf32 = params_f32(summed, weight, bias);
+  c10::cuda::CUDAGuard guard(summed.device());
+  const at::Tensor x = summed.contiguous(), dy = grad_out.contiguous();
+  const bool has_gs = grad_summed.has_value() && grad_summed->defined();
+  const at::Tensor gs = has_gs ? grad_summed->contiguous() : at::Tensor();
+  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
+  const auto w = contig(weight);
+  const int64_t M = x.size(0), N = x.size(1);
+  at::Tensor dres = at::empty({M, N}, x.options());
+  at::Tensor din = want_din ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dw = ln_param_grad(weight, weight_grad, x);
+  at::Tensor db = ln_param_grad(bias, bias_grad, x);
+  if (N == 0) return {dres, din, dw, db};
+  if (M == 0) {
+    if (dw.numel()) dw.zero_();
+    if (db.numel()) db.zero_();
+    return {dres, din, dw, db};
+  }
+  at::Tensor r = want_din ? rng->contiguous() : at::Tensor();
+  AddArgs a;
+  a.gs = has_gs ? gs.const_data_ptr() : nullptr;
+  if (want_din) {
+    a.din = din.mutable_data_ptr();
+    a.rng = r.const_data_ptr<int64_t>();
+    a.thresh = dropout_threshold(dropout_p);
+    a.scale = dropout_scale(a.thresh);
+  }
+  launch_bwd(dy, x, mu, rs, w, pf32, dres, dw, db, weight_grad || bias_grad, true, a);
+  return {dres, din, dw, db};
 }
 
 }  // namespace
@@ -523,6 +738,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
 TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
   m.impl("layer_norm_fwd", &cuda::layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &cuda::layer_norm_bwd_cuda);
+  m.impl("add_layer_norm_fwd", &cuda::add_layer_norm_fwd_cuda);
+  m.impl("add_layer_norm_bwd", &cuda::add_layer_norm_bwd_cuda);
 }
 
 }  // namespace fastlm

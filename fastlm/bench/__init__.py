@@ -10,7 +10,7 @@ device, input maker, implementations, oracle, byte or FLOP formula) and passes i
 triton.testing, peers) happen only when a benchmark runs.
 """
 
-from . import adamw, attention, gpt, layer_norm, report  # noqa: F401  (importing an op module registers its case)
+from . import add_layer_norm, adamw, attention, gpt, layer_norm, report  # noqa: F401  (importing an op module registers its case)
 from .registry import CASES, Case, Impl, get, names, register, shape_label, split_available
 from .runner import run
 

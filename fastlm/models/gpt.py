@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LayerNorm
+from ..nn.transformer import add_norm, no_hooks
 from ..ops.attention import scaled_dot_product_attention
 from ..ops.cross_entropy import linear_cross_entropy
 
@@ -77,8 +78,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self._sdpa = sdpa
 
-    def forward(self, x, cache=None, pos=0):
-        """x: (B, T, C). With a cache (this layer's (k, v) buffers of shape (B, H, block_size,
+    def branch(self, x, cache=None, pos=0):
+        """The attention branch before its residual dropout.
+
+        x: (B, T, C). With a cache (this layer's (k, v) buffers of shape (B, H, block_size,
         D)), the new keys and values are written at positions pos..pos+T-1 and the queries
         attend to positions 0..pos+T-1."""
         B, T, C = x.shape
@@ -102,8 +105,10 @@ class CausalSelfAttention(nn.Module):
                 mask = (torch.arange(pos + T, device=x.device)[None, :]
                         <= torch.arange(pos, pos + T, device=x.device)[:, None])
                 y = self._sdpa(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def forward(self, x, cache=None, pos=0):
+        return self.resid_dropout(self.branch(x, cache, pos))
 
 
 class MLP(nn.Module):
@@ -114,8 +119,12 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
+    def branch(self, x):
+        """The MLP before its dropout."""
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.branch(x))
 
 
 class Block(nn.Module):
@@ -229,9 +238,36 @@ class GPT(nn.Module):
                              f"{pos + T}: block_size is {self.config.block_size}")
         positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        for i, block in enumerate(self.transformer.h):
+        blocks = self.transformer.h
+        if self._fusable():
+            # Each residual add + dropout + the next LayerNorm is one fused kernel
+            # (fastlm.add_layer_norm): ln_1 of block i+1 (or ln_f) follows block i's MLP add.
+            norms = [n for b in blocks for n in (b.ln_1, b.ln_2)] + [self.transformer.ln_f]
+            h = norms[0](x)
+            for i, b in enumerate(blocks):
+                a = b.attn.branch(h, None if cache is None else cache[i], pos)
+                h, x = add_norm(a, x, b.ln_2, b.attn.resid_dropout)
+                h, x = add_norm(b.mlp.branch(h), x, norms[2 * i + 2], b.mlp.dropout)
+            return h
+        for i, block in enumerate(blocks):
             x = block(x, None if cache is None else cache[i], pos)
         return self.transformer.ln_f(x)
+
+    def _fusable(self):
+        """fastlm's LayerNorms throughout, the blocks as defined here, and no hook that the
+        fused path would skip."""
+        blocks = self.transformer.h
+        norms, drops, mods = [self.transformer.ln_f], [], [blocks]
+        for b in blocks:
+            if (type(b) is not Block or type(b.attn) is not CausalSelfAttention
+                    or type(b.mlp) is not MLP):
+                return False
+            norms += [b.ln_1, b.ln_2]
+            drops += [b.attn.resid_dropout, b.mlp.dropout]
+            mods += [b, b.attn, b.mlp]
+        return (all(type(n) is LayerNorm for n in norms)
+                and all(type(d) is nn.Dropout for d in drops)
+                and no_hooks(*norms, *drops, *mods))
 
     def _loss(self, h, targets):
         """(logits, loss) of the head on hidden states h with targets (ignore_index -1)."""

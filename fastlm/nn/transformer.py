@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layer_norm import LayerNorm
+
 
 def _fastlm_submodules(module):
     """Re-class the torch LayerNorm / MultiheadAttention / Transformer submodules of `module`
@@ -63,6 +65,38 @@ def _detect_causal(mask, is_causal, size):
     if mask.size() != causal.size():
         return False
     return bool((mask == causal).all())
+
+
+def _fusable(layer, base, norms, drops):
+    """Whether `layer` may run its residual adds, dropouts and LayerNorms as fused
+    fastlm.add_layer_norm calls: its blocks are the base class's own (a subclass that
+    overrides _sa_block / _mha_block / _ff_block keeps the unfused definition), the norms and
+    dropouts are still fastlm LayerNorm and Dropout modules, and none of them has a hook (the
+    fused kernel does not call those modules, so their hooks would not run)."""
+    cls = type(layer)
+    return (all(getattr(cls, m) is getattr(base, m) for m in ("_sa_block", "_ff_block",
+                                                              "_mha_block") if hasattr(base, m))
+            and all(type(n) is LayerNorm for n in norms)
+            and all(type(d) is torch.nn.Dropout for d in drops)
+            and no_hooks(*norms, *drops))
+
+
+def no_hooks(*modules):
+    """Whether calling these modules would run no hook (theirs or a global one)."""
+    g = torch.nn.modules.module
+    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+            or g._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                   or m._backward_pre_hooks for m in modules)
+
+
+def add_norm(branch, residual, norm, drop):
+    """(norm(residual + drop(branch)), residual + drop(branch)) in one fused kernel."""
+    from ..ops.add_layer_norm import add_layer_norm
+
+    return add_layer_norm(branch, residual, norm.normalized_shape, norm.weight, norm.bias,
+                          norm.eps, drop.p if drop.training else 0.0)
 
 
 def _as_float_mask(mask, dtype):
@@ -116,6 +150,16 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         src_mask, src_key_padding_mask = _check_masks(
             src_mask, "src_mask", src_key_padding_mask, "src_key_padding_mask", src.dtype)
         x = src
+        if _fusable(self, TransformerEncoderLayer, (self.norm1, self.norm2),
+                    (self.dropout1, self.dropout2)):
+            # The same computation with each residual add + dropout + LayerNorm fused.
+            if self.norm_first:
+                a = self._sa(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+                h, x = add_norm(a, x, self.norm2, self.dropout1)
+                return x + self._ff_block(h)
+            a = self._sa(x, src_mask, src_key_padding_mask, is_causal)
+            x = add_norm(a, x, self.norm1, self.dropout1)[0]
+            return add_norm(self._ff(x), x, self.norm2, self.dropout2)[0]
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
             x = x + self._ff_block(self.norm2(x))
@@ -124,14 +168,18 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             x = self.norm2(x + self._ff_block(x))
         return x
 
+    def _sa(self, x, attn_mask, key_padding_mask, is_causal=False):
+        return self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                              need_weights=False, is_causal=is_causal)[0]
+
+    def _ff(self, x):
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
-        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                           need_weights=False, is_causal=is_causal)[0]
-        return self.dropout1(x)
+        return self.dropout1(self._sa(x, attn_mask, key_padding_mask, is_causal))
 
     def _ff_block(self, x):
-        x = self.linear2(self.dropout(self.activation(self.linear1(x))))
-        return self.dropout2(x)
+        return self.dropout2(self._ff(x))
 
     def _forward_nested(self, src, src_mask, src_key_padding_mask, is_causal):
         """A nested (batch, ragged length, d_model) src, as torch.nn.TransformerEncoder passes
@@ -176,6 +224,21 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
                 tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Tensor:
         _check_not_nested(tgt, "fastlm.nn.TransformerDecoderLayer", "tgt")
         x = tgt
+        norms, drops = (self.norm1, self.norm2, self.norm3), (self.dropout1, self.dropout2,
+                                                              self.dropout3)
+        if _fusable(self, TransformerDecoderLayer, norms, drops):
+            # The same computation with each residual add + dropout + LayerNorm fused.
+            if self.norm_first:
+                a = self._sa(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+                h, x = add_norm(a, x, self.norm2, self.dropout1)
+                a = self._mha(h, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+                h, x = add_norm(a, x, self.norm3, self.dropout2)
+                return x + self._ff_block(h)
+            a = self._sa(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = add_norm(a, x, self.norm1, self.dropout1)[0]
+            a = self._mha(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            x = add_norm(a, x, self.norm2, self.dropout2)[0]
+            return add_norm(self._ff(x), x, self.norm3, self.dropout3)[0]
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
             x = x + self._mha_block(self.norm2(x), memory, memory_mask,
@@ -188,20 +251,26 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
             x = self.norm3(x + self._ff_block(x))
         return x
 
+    def _sa(self, x, attn_mask, key_padding_mask, is_causal=False):
+        return self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                              is_causal=is_causal, need_weights=False)[0]
+
+    def _mha(self, x, mem, attn_mask, key_padding_mask, is_causal=False):
+        return self.multihead_attn(x, mem, mem, attn_mask=attn_mask,
+                                   key_padding_mask=key_padding_mask, is_causal=is_causal,
+                                   need_weights=False)[0]
+
+    def _ff(self, x):
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
-        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                           is_causal=is_causal, need_weights=False)[0]
-        return self.dropout1(x)
+        return self.dropout1(self._sa(x, attn_mask, key_padding_mask, is_causal))
 
     def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal=False):
-        x = self.multihead_attn(x, mem, mem, attn_mask=attn_mask,
-                                key_padding_mask=key_padding_mask, is_causal=is_causal,
-                                need_weights=False)[0]
-        return self.dropout2(x)
+        return self.dropout2(self._mha(x, mem, attn_mask, key_padding_mask, is_causal))
 
     def _ff_block(self, x):
-        x = self.linear2(self.dropout(self.activation(self.linear1(x))))
-        return self.dropout3(x)
+        return self.dropout3(self._ff(x))
 
 
 _NESTED_WARNING = "enable_nested_tensor is True, but self.use_nested_tensor is False"

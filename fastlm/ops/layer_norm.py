@@ -169,32 +169,32 @@ def _canonical_shape(normalized_shape):
     return tuple(int(s) for s in normalized_shape)
 
 
-def _validate(input, ns, weight, bias):
+def _validate(input, ns, weight, bias, who="fastlm.layer_norm"):
     if not isinstance(input, Tensor):
-        raise TypeError(f"fastlm.layer_norm: input must be a Tensor, got {type(input).__name__}")
+        raise TypeError(f"{who}: input must be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
-        raise TypeError("fastlm.layer_norm: input must be a floating-point tensor (float32, "
+        raise TypeError(f"{who}: input must be a floating-point tensor (float32, "
                         f"float16, bfloat16 or float64), got {input.dtype}")
     if len(ns) == 0:
-        raise ValueError("fastlm.layer_norm: normalized_shape must have at least one dimension")
+        raise ValueError(f"{who}: normalized_shape must have at least one dimension")
     if tuple(input.shape[input.dim() - len(ns):]) != ns or input.dim() < len(ns):
         raise ValueError(
-            f"fastlm.layer_norm: given normalized_shape={list(ns)}, expected input with shape "
+            f"{who}: given normalized_shape={list(ns)}, expected input with shape "
             f"[*, {', '.join(map(str, ns))}], but got input of size {list(input.shape)}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
         if tuple(p.shape) != ns:
-            raise ValueError(f"fastlm.layer_norm: {name} must have shape {list(ns)} (the "
+            raise ValueError(f"{who}: {name} must have shape {list(ns)} (the "
                              f"normalized_shape), got {list(p.shape)}")
         if p.device != input.device:
-            raise ValueError(f"fastlm.layer_norm: {name} is on {p.device} but input is on "
+            raise ValueError(f"{who}: {name} is on {p.device} but input is on "
                              f"{input.device}; expected both on the same device")
         if p.dtype not in (input.dtype, torch.float32):
-            raise TypeError(f"fastlm.layer_norm: {name} must have the input's dtype "
+            raise TypeError(f"{who}: {name} must have the input's dtype "
                             f"({input.dtype}) or float32, got {p.dtype}")
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        raise TypeError(f"fastlm.layer_norm: weight and bias must have the same dtype, got "
+        raise TypeError(f"{who}: weight and bias must have the same dtype, got "
                         f"{weight.dtype} and {bias.dtype}")
 
 
