@@ -52,4 +52,17 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor? mask, Tensor? rng, float dropout_p, bool is_causal, float scale)"
         " -> (Tensor, Tensor, Tensor)");
+  // Attention over packed sequences (varlen): q (total_q,Hq,E), k (total_k,Hk,E),
+  // v (total_k,Hk,Ev); cu_seqlens_q/_k int32 or int64 (n+1) offsets: sequence b is rows
+  // cu_q[b]..cu_q[b+1] of q attending to rows cu_k[b]..cu_k[b+1] of k and v; max_seqlen_q/_k
+  // bound the lengths. Returns (out (total_q,Hq,Ev) in q's dtype, lse (Hq,total_q) float32).
+  // Equal to attention_fwd on the padded (n,Hq,max_q,*) problem with a key-padding mask,
+  // dropout bits included (docs/attention.md, "Varlen").
+  m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,"
+        " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? rng,"
+        " float dropout_p, bool is_causal, float scale) -> (Tensor, Tensor)");
+  m.def("varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
+        " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
+        " int max_seqlen_k, Tensor? rng, float dropout_p, bool is_causal, float scale)"
+        " -> (Tensor, Tensor, Tensor)");
 }

@@ -146,6 +146,16 @@ def _scores(
     return s
 
 
+@triton.jit
+def _varlen_seq(CuQ, CuK, b):
+    # Sequence b of a varlen launch: its first query and key rows (int64) and its lengths.
+    q0 = tl.load(CuQ + b)
+    k0 = tl.load(CuK + b)
+    L = tl.load(CuQ + b + 1) - q0
+    S = tl.load(CuK + b + 1) - k0
+    return q0.to(tl.int64), k0.to(tl.int64), L, S
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward.
 @triton.jit
@@ -194,23 +204,26 @@ def _fwd_blocks(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "drop_thresh"])
+@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "Tq", "drop_thresh"])
 def _attn_fwd(
     Q,  # (B, Hq, L, E), last stride 1
     K,  # (B, Hk, S, E), last stride 1
     V,  # (B, Hk, S, Ev), last stride 1
     Mask,  # (B, Hq, L, S) bool or float view, any strides; unused unless MASK
     Rng,  # int64 (seed, offset); unused unless DROPOUT
-    Out,  # (B, Hq, L, Ev) contiguous, q's dtype
-    Lse,  # (B, Hq, L) contiguous float32, natural log
-    stride_qb, stride_qh, stride_qm,
+    CuQ,  # varlen: int32 (B + 1) offsets of the sequences' query rows; unused unless VARLEN
+    CuK,  # varlen: int32 (B + 1) offsets of their key rows; unused unless VARLEN
+    Out,  # (B, Hq, L, Ev) contiguous, q's dtype (varlen: (total_q, Hq, Ev))
+    Lse,  # (B, Hq, L) contiguous float32, natural log (varlen: (Hq, total_q))
+    stride_qb, stride_qh, stride_qm,  # (varlen: b stride 0, m the packed row stride)
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,  # mask strides (0 for broadcast dims)
     Hq,  # query heads
     group,  # Hq // Hk: query heads per key/value head
-    L,  # query length
-    S,  # key length
+    L,  # query length (varlen: the longest sequence's)
+    S,  # key length (varlen: the longest sequence's)
+    Tq,  # varlen: total_q, lse's row stride per head; unused unless VARLEN
     qk_scale,  # scale * log2(e)
     drop_thresh,  # dropout_threshold(dropout_p)
     drop_scale,  # dropout_scale(dropout_p), float32
@@ -224,6 +237,7 @@ def _attn_fwd(
     IS_CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,  # float32 inputs: exact float32 dots
+    VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
 ):
     # One program per (query block, b * Hq + h); the query blocks of a head are adjacent so
     # they share its k and v in L2. Causal: the longest rows first (fewer stragglers).
@@ -236,20 +250,32 @@ def _attn_fwd(
     h = bh % Hq
     hk = (h // group).to(tl.int64)
     h = h.to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    Q_b = Q + b * stride_qb
+    K_b = K + b * stride_kb
+    V_b = V + b * stride_vb
+    if VARLEN:
+        # Sequence b: its own rows of q (from q0) and of k, v (from k0), its own lengths; a
+        # block past the end of a shorter sequence has nothing to do.
+        q0, k0, L, S = _varlen_seq(CuQ, CuK, b)
+        if m0 >= L:
+            return
+        Q_b = Q + q0 * stride_qm
+        K_b = K + k0 * stride_kn
+        V_b = V + k0 * stride_vn
     key = (0, 0, 0)
     if DROPOUT:
         key = _philox_key(Rng)
-    m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     row_ok = offs_m < L
 
-    q_ptrs = (Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
+    q_ptrs = (Q_b + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
               + offs_e[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
-    K_head = K + b * stride_kb + hk * stride_kh
-    V_head = V + b * stride_vb + hk * stride_vh
+    K_head = K_b + hk * stride_kh
+    V_head = V_b + hk * stride_vh
     Mask_m = Mask
     if MASK != 0:
         Mask_m = Mask + b * stride_mb + h * stride_mh + tl.cast(m0, tl.int64) * stride_mm
@@ -280,11 +306,17 @@ def _attn_fwd(
     out = acc * inv[:, None]
     lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
     lse = tl.where(empty, float("inf"), lse)
-    row64 = bh.to(tl.int64) * L + offs_m
-    o_ptrs = Out + row64[:, None] * HEAD_EV + offs_ev[None, :]
+    if VARLEN:
+        rows = q0 + offs_m
+        o_ptrs = Out + (rows * Hq + h)[:, None] * HEAD_EV + offs_ev[None, :]
+        l_ptrs = Lse + h * Tq + rows
+    else:
+        row64 = bh.to(tl.int64) * L + offs_m
+        o_ptrs = Out + row64[:, None] * HEAD_EV + offs_ev[None, :]
+        l_ptrs = Lse + row64
     tl.store(o_ptrs, out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_ev < HEAD_EV)[None, :])
-    tl.store(Lse + row64, lse, mask=row_ok)
+    tl.store(l_ptrs, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +352,7 @@ def _attn_bwd_pre(
     HEAD_EV: tl.constexpr,  # Ev
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_EV: tl.constexpr,  # Ev padded to a power of two
+    VARLEN: tl.constexpr,  # B = 1, L = total_q: Out is (total_q, Hq, Ev), D (Hq, total_q)
 ):
     # D_i = sum_e dO_ie * O_ie in float32.
     num_m = tl.cdiv(L, BLOCK_M)
@@ -331,7 +364,11 @@ def _attn_bwd_pre(
     offs_ev = tl.arange(0, BLOCK_EV)
     msk = (offs_m < L)[:, None] & (offs_ev < HEAD_EV)[None, :]
     row64 = bh.to(tl.int64) * L + offs_m
-    o = tl.load(Out + row64[:, None] * HEAD_EV + offs_ev[None, :], mask=msk, other=0.0)
+    if VARLEN:
+        o_rows = offs_m.to(tl.int64) * Hq + h
+    else:
+        o_rows = row64
+    o = tl.load(Out + o_rows[:, None] * HEAD_EV + offs_ev[None, :], mask=msk, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh
                  + offs_m[:, None].to(tl.int64) * stride_dom + offs_ev[None, :], mask=msk,
                  other=0.0)
@@ -402,18 +439,20 @@ def _dkdv_blocks(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Hq", "Hk", "group", "L", "S", "drop_thresh"])
+@triton.jit(do_not_specialize=["Hq", "Hk", "group", "L", "S", "Tq", "drop_thresh"])
 def _attn_bwd_dkdv(
     Q,  # (B, Hq, L, E), last stride 1
     K,  # (B, Hk, S, E), last stride 1
     V,  # (B, Hk, S, Ev), last stride 1
     DO,  # (B, Hq, L, Ev) grad of out, last stride 1
-    Lse,  # (B, Hq, L) float32 from the forward
-    Delta,  # (B, Hq, L) float32 from _attn_bwd_pre
+    Lse,  # (B, Hq, L) float32 from the forward (varlen: (Hq, total_q))
+    Delta,  # (B, Hq, L) float32 from _attn_bwd_pre (varlen: (Hq, total_q))
     Mask,  # (B, Hq, L, S) view; unused unless MASK
     Rng,  # int64 (seed, offset); unused unless DROPOUT
-    DK,  # (B, Hk, S, E) contiguous, k's dtype
-    DV,  # (B, Hk, S, Ev) contiguous, v's dtype
+    CuQ,  # varlen: int32 (B + 1) query row offsets; unused unless VARLEN
+    CuK,  # varlen: int32 (B + 1) key row offsets; unused unless VARLEN
+    DK,  # (B, Hk, S, E) contiguous, k's dtype (varlen: (total_k, Hk, E))
+    DV,  # (B, Hk, S, Ev) contiguous, v's dtype (varlen: (total_k, Hk, Ev))
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -422,8 +461,9 @@ def _attn_bwd_dkdv(
     Hq,  # query heads
     Hk,  # key/value heads
     group,  # Hq // Hk
-    L,  # query length
-    S,  # key length
+    L,  # query length (varlen: the longest sequence's)
+    S,  # key length (varlen: the longest sequence's)
+    Tq,  # varlen: total_q, lse's row stride per head; unused unless VARLEN
     qk_scale,  # scale * log2(e)
     scale,  # the softmax scale (dK = scale * dS^T Q)
     drop_thresh,  # dropout_threshold(dropout_p)
@@ -438,6 +478,7 @@ def _attn_bwd_dkdv(
     IS_CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
 ):
     # One program per (key block, b * Hk + hk); causal work shrinks with the key index, so the
     # natural order already starts the longest programs first.
@@ -448,14 +489,26 @@ def _attn_bwd_dkdv(
     hk = bhk % Hk
     b64 = b.to(tl.int64)
     n0 = pid_n * BLOCK_N
+    Q_b = Q + b64 * stride_qb
+    K_b = K + b64 * stride_kb
+    V_b = V + b64 * stride_vb
+    DO_b = DO + b64 * stride_dob
+    if VARLEN:
+        q0, k0, L, S = _varlen_seq(CuQ, CuK, b64)
+        if n0 >= S:
+            return
+        Q_b = Q + q0 * stride_qm
+        K_b = K + k0 * stride_kn
+        V_b = V + k0 * stride_vn
+        DO_b = DO + q0 * stride_dom
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     n_ok = offs_n < S
     n64 = offs_n[:, None].to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + n64 * stride_kn
+    k = tl.load(K_b + hk.to(tl.int64) * stride_kh + n64 * stride_kn
                 + offs_e[None, :], mask=n_ok[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + n64 * stride_vn
+    v = tl.load(V_b + hk.to(tl.int64) * stride_vh + n64 * stride_vn
                 + offs_ev[None, :], mask=n_ok[:, None] & (offs_ev < HEAD_EV)[None, :],
                 other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
@@ -475,10 +528,14 @@ def _attn_bwd_dkdv(
         h = hk * group + g
         bh = b * Hq + h
         h64 = h.to(tl.int64)
-        Q_head = Q + b64 * stride_qb + h64 * stride_qh
-        DO_head = DO + b64 * stride_dob + h64 * stride_doh
-        Lse_head = Lse + bh.to(tl.int64) * L
-        Delta_head = Delta + bh.to(tl.int64) * L
+        Q_head = Q_b + h64 * stride_qh
+        DO_head = DO_b + h64 * stride_doh
+        if VARLEN:
+            Lse_head = Lse + h64 * Tq + q0
+            Delta_head = Delta + h64 * Tq + q0
+        else:
+            Lse_head = Lse + bh.to(tl.int64) * L
+            Delta_head = Delta + bh.to(tl.int64) * L
         Mask_n = Mask
         if MASK != 0:
             Mask_n = (Mask + b64 * stride_mb + h64 * stride_mh
@@ -496,7 +553,10 @@ def _attn_bwd_dkdv(
             DROPOUT, IEEE)
 
     dk = dk * scale
-    row64 = bhk.to(tl.int64) * S + offs_n
+    if VARLEN:
+        row64 = (k0 + offs_n) * Hk + hk
+    else:
+        row64 = bhk.to(tl.int64) * S + offs_n
     tl.store(DK + row64[:, None] * HEAD_E + offs_e[None, :], dk.to(DK.dtype.element_ty),
              mask=n_ok[:, None] & (offs_e < HEAD_E)[None, :])
     tl.store(DV + row64[:, None] * HEAD_EV + offs_ev[None, :], dv.to(DV.dtype.element_ty),
@@ -545,17 +605,19 @@ def _dq_blocks(
     return dq
 
 
-@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "drop_thresh"])
+@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "Tq", "drop_thresh"])
 def _attn_bwd_dq(
     Q,  # (B, Hq, L, E), last stride 1
     K,  # (B, Hk, S, E), last stride 1
     V,  # (B, Hk, S, Ev), last stride 1
     DO,  # (B, Hq, L, Ev) grad of out, last stride 1
-    Lse,  # (B, Hq, L) float32 from the forward
-    Delta,  # (B, Hq, L) float32 from _attn_bwd_pre
+    Lse,  # (B, Hq, L) float32 from the forward (varlen: (Hq, total_q))
+    Delta,  # (B, Hq, L) float32 from _attn_bwd_pre (varlen: (Hq, total_q))
     Mask,  # (B, Hq, L, S) view; unused unless MASK
     Rng,  # int64 (seed, offset); unused unless DROPOUT
-    DQ,  # (B, Hq, L, E) contiguous, q's dtype
+    CuQ,  # varlen: int32 (B + 1) query row offsets; unused unless VARLEN
+    CuK,  # varlen: int32 (B + 1) key row offsets; unused unless VARLEN
+    DQ,  # (B, Hq, L, E) contiguous, q's dtype (varlen: (total_q, Hq, E))
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -563,8 +625,9 @@ def _attn_bwd_dq(
     stride_mb, stride_mh, stride_mm, stride_mn,
     Hq,  # query heads
     group,  # Hq // Hk
-    L,  # query length
-    S,  # key length
+    L,  # query length (varlen: the longest sequence's)
+    S,  # key length (varlen: the longest sequence's)
+    Tq,  # varlen: total_q, lse's row stride per head; unused unless VARLEN
     qk_scale,  # scale * log2(e)
     scale,  # the softmax scale (dQ = scale * dS K)
     drop_thresh,  # dropout_threshold(dropout_p)
@@ -579,6 +642,7 @@ def _attn_bwd_dq(
     IS_CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
 ):
     # One program per (query block, b * Hq + h); the query blocks of a head are adjacent so
     # they share its k and v in L2. Causal: the longest rows first (fewer stragglers).
@@ -591,24 +655,41 @@ def _attn_bwd_dq(
     h = bh % Hq
     hk = (h // group).to(tl.int64)
     h = h.to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    Q_b = Q + b * stride_qb
+    DO_b = DO + b * stride_dob
+    K_b = K + b * stride_kb
+    V_b = V + b * stride_vb
+    if VARLEN:
+        q0, k0, L, S = _varlen_seq(CuQ, CuK, b)
+        if m0 >= L:
+            return
+        Q_b = Q + q0 * stride_qm
+        DO_b = DO + q0 * stride_dom
+        K_b = K + k0 * stride_kn
+        V_b = V + k0 * stride_vn
     key = (0, 0, 0)
     if DROPOUT:
         key = _philox_key(Rng)
-    m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     row_ok = offs_m < L
     m64 = offs_m[:, None].to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qm + offs_e[None, :],
+    q = tl.load(Q_b + h * stride_qh + m64 * stride_qm + offs_e[None, :],
                 mask=row_ok[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dom + offs_ev[None, :],
+    do = tl.load(DO_b + h * stride_doh + m64 * stride_dom + offs_ev[None, :],
                  mask=row_ok[:, None] & (offs_ev < HEAD_EV)[None, :], other=0.0)
-    row64 = bh.to(tl.int64) * L + offs_m
+    if VARLEN:
+        row64 = h * Tq + q0 + offs_m  # lse and D
+        dq_rows = (q0 + offs_m) * Hq + h
+    else:
+        row64 = bh.to(tl.int64) * L + offs_m
+        dq_rows = row64
     lse2 = tl.load(Lse + row64, mask=row_ok, other=float("inf")) * 1.4426950408889634
     Di = tl.load(Delta + row64, mask=row_ok, other=0.0)
-    K_head = K + b * stride_kb + hk * stride_kh
-    V_head = V + b * stride_vb + hk * stride_vh
+    K_head = K_b + hk * stride_kh
+    V_head = V_b + hk * stride_vh
     Mask_m = Mask
     if MASK != 0:
         Mask_m = Mask + b * stride_mb + h * stride_mh + tl.cast(m0, tl.int64) * stride_mm
@@ -628,7 +709,7 @@ def _attn_bwd_dq(
                     drop_scale, full_hi, hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E,
                     BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE)
     dq = dq * scale
-    tl.store(DQ + row64[:, None] * HEAD_E + offs_e[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + dq_rows[:, None] * HEAD_E + offs_e[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_e < HEAD_E)[None, :])
 
 
@@ -719,12 +800,12 @@ def _fit(block, n):
     return min(block, max(16, triton.next_power_of_2(max(n, 1))))
 
 
-def _meta(kind, dtype, e, ev, m_len, n_len, mask_kind, causal, dropout, arch):
+def _meta(kind, dtype, e, ev, m_len, n_len, mask_kind, causal, dropout, arch, varlen=False):
     """Meta-parameters of one launch: m_len rows along BLOCK_M, n_len along BLOCK_N."""
     bm, bn, warps, stages = _config(kind, dtype, e, ev, arch, int(mask_kind != 0) + int(dropout))
     return dict(HEAD_E=e, HEAD_EV=ev, BLOCK_M=_fit(bm, m_len), BLOCK_N=_fit(bn, n_len),
                 BLOCK_E=_pad(e), BLOCK_EV=_pad(ev), MASK=mask_kind, IS_CAUSAL=causal,
-                DROPOUT=dropout, IEEE=_dot_mode(dtype), num_warps=warps,
+                DROPOUT=dropout, IEEE=_dot_mode(dtype), VARLEN=varlen, num_warps=warps,
                 num_stages=stages)
 
 
@@ -754,43 +835,54 @@ def _dropout_args(rng, dropout_p, q):
     return rng, thresh, dropout_scale(dropout_p), True
 
 
-# Each _*_call returns (grid, args, meta) of one launch; `forward`/`backward` and `aot_specs`
-# share them, so the ahead-of-time variants are the ones the launches ask for. Shapes are
-# (B, Hq, Hk, L, S, E, Ev); strides are 3-tuples (b, h, row) and the mask's 4-tuple.
+# Each _*_call returns (grid, args, meta) of one launch; `forward`/`backward`, their varlen
+# twins and `aot_specs` share them, so the ahead-of-time variants are the ones the launches ask
+# for. Shapes are (B, Hq, Hk, L, S, E, Ev); strides are 3-tuples (b, h, row) and the mask's
+# 4-tuple. `vl` is None (dense) or (cu_q, cu_k, total_q) of a varlen launch: then B is the
+# number of sequences, L and S the max_seqlens, and the b strides 0.
+def _vl_args(vl, q):
+    """(CuQ, CuK, Tq, VARLEN): q stands in for the unused pointers of a dense launch."""
+    return (q, q, 0, False) if vl is None else (*vl, True)
+
+
 def _fwd_call(q, k, v, mask, rng, out, lse, shape, qs, ks, vs, ms, dtype, scale, thresh,
-              rscale, mask_kind, causal, dropout, arch):
+              rscale, mask_kind, causal, dropout, arch, vl=None):
     B, Hq, Hk, L, S, E, Ev = shape
-    meta = _meta("fwd", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch)
+    cu_q, cu_k, tq, varlen = _vl_args(vl, q)
+    meta = _meta("fwd", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch, varlen)
     grid = (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
-    args = (q, k, v, mask, rng, out, lse, *qs, *ks, *vs, *ms, Hq, Hq // Hk, L, S,
-            scale * LOG2E, thresh, rscale)
+    args = (q, k, v, mask, rng, cu_q, cu_k, out, lse, *qs, *ks, *vs, *ms, Hq, Hq // Hk, L, S,
+            tq, scale * LOG2E, thresh, rscale)
     return grid, args, meta
 
 
-def _pre_call(out, do, delta, shape, dos):
+def _pre_call(out, do, delta, shape, dos, varlen=False):
     B, Hq, _, L, _, _, Ev = shape
     block_ev = _pad(Ev)
-    meta = dict(HEAD_EV=Ev, BLOCK_M=max(16, 4096 // block_ev), BLOCK_EV=block_ev, num_warps=4)
+    meta = dict(HEAD_EV=Ev, BLOCK_M=max(16, 4096 // block_ev), BLOCK_EV=block_ev,
+                VARLEN=varlen, num_warps=4)
     return (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,), (out, do, delta, *dos, Hq, L), meta
 
 
 def _dkdv_call(q, k, v, do, lse, delta, mask, rng, dk, dv, shape, qs, ks, vs, dos, ms, dtype,
-               scale, thresh, rscale, mask_kind, causal, dropout, arch):
+               scale, thresh, rscale, mask_kind, causal, dropout, arch, vl=None):
     B, Hq, Hk, L, S, E, Ev = shape
-    meta = _meta("dkdv", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch)
+    cu_q, cu_k, tq, varlen = _vl_args(vl, q)
+    meta = _meta("dkdv", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch, varlen)
     grid = (triton.cdiv(S, meta["BLOCK_N"]) * B * Hk,)
-    args = (q, k, v, do, lse, delta, mask, rng, dk, dv, *qs, *ks, *vs, *dos, *ms, Hq, Hk,
-            Hq // Hk, L, S, scale * LOG2E, scale, thresh, rscale)
+    args = (q, k, v, do, lse, delta, mask, rng, cu_q, cu_k, dk, dv, *qs, *ks, *vs, *dos, *ms,
+            Hq, Hk, Hq // Hk, L, S, tq, scale * LOG2E, scale, thresh, rscale)
     return grid, args, meta
 
 
 def _dq_call(q, k, v, do, lse, delta, mask, rng, dq, shape, qs, ks, vs, dos, ms, dtype, scale,
-             thresh, rscale, mask_kind, causal, dropout, arch):
+             thresh, rscale, mask_kind, causal, dropout, arch, vl=None):
     B, Hq, Hk, L, S, E, Ev = shape
-    meta = _meta("dq", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch)
+    cu_q, cu_k, tq, varlen = _vl_args(vl, q)
+    meta = _meta("dq", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch, varlen)
     grid = (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
-    args = (q, k, v, do, lse, delta, mask, rng, dq, *qs, *ks, *vs, *dos, *ms, Hq, Hq // Hk, L,
-            S, scale * LOG2E, scale, thresh, rscale)
+    args = (q, k, v, do, lse, delta, mask, rng, cu_q, cu_k, dq, *qs, *ks, *vs, *dos, *ms, Hq,
+            Hq // Hk, L, S, tq, scale * LOG2E, scale, thresh, rscale)
     return grid, args, meta
 
 
@@ -849,6 +941,77 @@ def backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale
         wrap_triton(_attn_bwd_dkdv)[grid](*args, **meta)
     grid, args, meta = _dq_call(q, k, v, grad_out, lse, delta, mask_ptr, rng_ptr, dq, shape,
                                 *strides, *flags)
+    wrap_triton(_attn_bwd_dq)[grid](*args, **meta)
+    return dq, dk, dv
+
+
+def _vl_strides(t):
+    """(b, h, row) strides of a packed (total, H, dim) tensor seen as (B, H, len, dim)."""
+    return (0, t.stride(1), t.stride(0))
+
+
+def _cu(cu):
+    return cu if cu.dtype == torch.int32 and cu.is_contiguous() else cu.to(torch.int32).contiguous()
+
+
+def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng,
+                   dropout_p, is_causal, scale):
+    """(out, lse) of the varlen op (docs/attention.md, "Varlen"): q (total_q, Hq, E), k
+    (total_k, Hk, E), v (total_k, Hk, Ev) packed; out (total_q, Hq, Ev) in q's dtype, lse
+    (Hq, total_q) float32. One launch of the dense kernels over all the sequences: the grid
+    covers max_seqlen_q (which must bound every length), and blocks past a shorter sequence's
+    end return at once."""
+    q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
+    (tq, Hq, E), (_, Hk, _), Ev = q.shape, k.shape, v.shape[2]
+    n = cu_seqlens_q.shape[0] - 1
+    out = torch.empty((tq, Hq, Ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, tq), dtype=torch.float32, device=q.device)
+    if n <= 0 or tq * Hq == 0:
+        return out, lse
+    shape = (n, Hq, Hk, max_seqlen_q, max_seqlen_k, E, Ev)
+    rng_ptr, thresh, rscale, dropout = _dropout_args(rng, dropout_p, q)
+    vl = (_cu(cu_seqlens_q), _cu(cu_seqlens_k), tq)
+    grid, args, meta = _fwd_call(q, k, v, q, rng_ptr, out, lse, shape, _vl_strides(q),
+                                 _vl_strides(k), _vl_strides(v), (0, 0, 0, 0), q.dtype, scale,
+                                 thresh, rscale, _MASK_NONE, bool(is_causal), dropout,
+                                 _arch(q.device), vl)
+    wrap_triton(_attn_fwd)[grid](*args, **meta)
+    return out, lse
+
+
+def varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                    max_seqlen_k, rng, dropout_p, is_causal, scale):
+    """(grad_q, grad_k, grad_v) of the varlen op, contiguous packed tensors with q, k, v's
+    shapes and dtypes; deterministic (no atomics)."""
+    q, k, v, grad_out = _last_unit(q), _last_unit(k), _last_unit(v), _last_unit(grad_out)
+    out, lse = out.contiguous(), lse.contiguous()
+    (tq, Hq, E), (tk, Hk, _), Ev = q.shape, k.shape, v.shape[2]
+    n = cu_seqlens_q.shape[0] - 1
+    dq = torch.empty((tq, Hq, E), dtype=q.dtype, device=q.device)
+    dk = torch.empty((tk, Hk, E), dtype=k.dtype, device=k.device)
+    dv = torch.empty((tk, Hk, Ev), dtype=v.dtype, device=v.device)
+    if n <= 0 or Hq == 0:
+        return dq, dk, dv
+    if tq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    rng_ptr, thresh, rscale, dropout = _dropout_args(rng, dropout_p, q)
+    flags = (q.dtype, scale, thresh, rscale, _MASK_NONE, bool(is_causal), dropout,
+             _arch(q.device))
+    strides = (_vl_strides(q), _vl_strides(k), _vl_strides(v), _vl_strides(grad_out),
+               (0, 0, 0, 0))
+    shape = (n, Hq, Hk, max_seqlen_q, max_seqlen_k, E, Ev)
+    vl = (_cu(cu_seqlens_q), _cu(cu_seqlens_k), tq)
+
+    delta = torch.empty((Hq, tq), dtype=torch.float32, device=q.device)
+    grid, args, meta = _pre_call(out, grad_out, delta, (1, Hq, Hk, tq, tk, E, Ev),
+                                 _vl_strides(grad_out), varlen=True)
+    wrap_triton(_attn_bwd_pre)[grid](*args, **meta)
+    if tk > 0:
+        grid, args, meta = _dkdv_call(q, k, v, grad_out, lse, delta, q, rng_ptr, dk, dv, shape,
+                                      *strides, *flags, vl)
+        wrap_triton(_attn_bwd_dkdv)[grid](*args, **meta)
+    grid, args, meta = _dq_call(q, k, v, grad_out, lse, delta, q, rng_ptr, dq, shape, *strides,
+                                *flags, vl)
     wrap_triton(_attn_bwd_dq)[grid](*args, **meta)
     return dq, dk, dv
 

@@ -1,9 +1,9 @@
-"""fastlm.scaled_dot_product_attention and fastlm.varlen_attention on every backend against the
-float64 oracle (torch.nn.functional.scaled_dot_product_attention in float64; the tolerance rule
-of conftest.py), on awkward shapes, masks, layouts and dtypes; fully masked rows; the dropout
-bits (Philox4x32-10 known answers, the keep mask bit for bit, rate and mean, reproducibility);
-the raw ops' contract (docs/attention.md); determinism; opcheck; torch.compile; varlen;
-autocast; and bad input.
+"""fastlm.scaled_dot_product_attention on every backend against the float64 oracle
+(torch.nn.functional.scaled_dot_product_attention in float64; the tolerance rule of conftest.py),
+on awkward shapes, masks, layouts and dtypes; fully masked rows; the dropout bits (Philox4x32-10
+known answers, the keep mask bit for bit, rate and mean, reproducibility); the raw ops' contract
+(docs/attention.md); determinism; opcheck; torch.compile; autocast; and bad input.
+fastlm.varlen_attention is tested in test_attention_varlen.py.
 
 The kernels are written apart from this file. A (backend, device) pair whose attention kernel is
 not there yet (fastlm._C built without csrc/{cpu,cuda}/attention*, or no kernels/attention.py)
@@ -864,141 +864,6 @@ def test_compile_fullgraph_dynamic_shapes(backend):
             q, k, v = (randn((b, 2, L, 16), torch.float32, "cpu", seed=s) for s in range(3))
             torch.testing.assert_close(fn(q, k, v), SDPA(q, k, v, is_causal=True))
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-
-
-# ---------------------------------------------------------------------------------------------
-# varlen_attention: each packed sequence as its own attention.
-VARLEN = {
-    "plain": dict(lq=[5, 13, 1, 9], lk=[7, 13, 3, 17], hq=2, hk=2, causal=False),
-    "causal-gqa": dict(lq=[5, 13, 1, 9], lk=[7, 13, 3, 17], hq=4, hk=2, causal=True),
-    "zero-length": dict(lq=[4, 0, 6, 3], lk=[5, 2, 0, 3], hq=2, hk=2, causal=True),
-}
-
-
-def _varlen_params():
-    out = []
-    for pair in PAIRS:
-        for name in VARLEN:
-            for dt in DTYPES:
-                if interpreted(*pair.values) and dt == torch.float16:
-                    continue
-                out.append(pytest.param(*pair.values, name, dt, marks=pair.marks,
-                                        id=f"{pair.id}-{name}-{_dt(dt)}"))
-    return out
-
-
-def _packed(cfg, dtype, device, cu_dtype=torch.int32, e=16, ev=24):
-    q = randn((sum(cfg["lq"]), cfg["hq"], e), dtype, device, seed=1)
-    k = randn((sum(cfg["lk"]), cfg["hk"], e), dtype, device, seed=2)
-    v = randn((sum(cfg["lk"]), cfg["hk"], ev), dtype, device, seed=3)
-    cu = [torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=cu_dtype, device=device)
-          for n in (cfg["lq"], cfg["lk"])]
-    return q, k, v, cu[0], cu[1]
-
-
-def _per_sequence(fn, cfg):
-    """The varlen function built from per-sequence calls of an sdpa function `fn`."""
-    cq = [0, *torch.tensor(cfg["lq"]).cumsum(0).tolist()]
-    ck = [0, *torch.tensor(cfg["lk"]).cumsum(0).tolist()]
-
-    def run(q, k, v):
-        outs = []
-        for i in range(len(cfg["lq"])):
-            qi, ki, vi = (t.transpose(0, 1) for t in (q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]],
-                                                      v[ck[i]:ck[i + 1]]))
-            outs.append(fn(qi, ki, vi, is_causal=cfg["causal"],
-                           enable_gqa=cfg["hq"] != cfg["hk"]).transpose(0, 1))
-        return torch.cat(outs, 0)
-
-    return run
-
-
-@pytest.mark.parametrize("backend,device,name,dtype", _varlen_params())
-def test_varlen_matches_per_sequence_attention(backend, device, name, dtype):
-    need(backend, device)
-    cfg = VARLEN[name]
-    q, k, v, cu_q, cu_k = _packed(cfg, dtype, device)
-    dout = randn((q.shape[0], cfg["hq"], v.shape[-1]), dtype, device, seed=4)
-    ident = [lambda t: t] * 3
-
-    def fl(q, k, v):
-        return fastlm.varlen_attention(q, k, v, cu_q, cu_k, max(cfg["lq"]), max(cfg["lk"]),
-                                       is_causal=cfg["causal"],
-                                       enable_gqa=cfg["hq"] != cfg["hk"])
-
-    with fastlm.use_backend(backend):
-        got, g_got = _fwd_bwd(fl, _grad_leaves((q, k, v)), ident, dout)
-    per_seq = _per_sequence(F.scaled_dot_product_attention, cfg)
-    low, g_low = _fwd_bwd(per_seq, _grad_leaves((q, k, v)), ident, dout)
-    ora, g_ora = _fwd_bwd(per_seq, _grad_leaves((q, k, v), torch.float64), ident, dout)
-    f = FLOOR[dtype]
-    g = math.sqrt(cfg["hq"] // cfg["hk"])
-    check_all(backend, device, [("out", got, ora, low, f), ("dq", g_got[0], g_ora[0], g_low[0], f),
-                                ("dk", g_got[1], g_ora[1], g_low[1], f * g),
-                                ("dv", g_got[2], g_ora[2], g_low[2], f * g)])
-    # A query sequence with no keys gives zeros; keys of an empty query sequence get no grads.
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    for i, (a, b) in enumerate(zip(cfg["lq"], cfg["lk"])):
-        if b == 0:
-            assert torch.equal(got[cq[i]:cq[i + 1]], torch.zeros_like(got[cq[i]:cq[i + 1]]))
-        if a == 0:
-            for t in (g_got[1][ck[i]:ck[i + 1]], g_got[2][ck[i]:ck[i + 1]]):
-                assert torch.equal(t, torch.zeros_like(t))
-
-
-@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64], ids=_dt)
-@pytest.mark.parametrize("name", list(VARLEN))
-def test_varlen_in_float64_is_per_sequence_torch_sdpa(name, cu_dtype):
-    cfg = VARLEN[name]
-    q, k, v, cu_q, cu_k = _packed(cfg, torch.float64, "cpu", cu_dtype)
-    with fastlm.use_backend("torch"):
-        got = fastlm.varlen_attention(q, k, v, cu_q, cu_k, max(cfg["lq"]), max(cfg["lk"]),
-                                      is_causal=cfg["causal"], enable_gqa=cfg["hq"] != cfg["hk"])
-    want = _per_sequence(F.scaled_dot_product_attention, cfg)(q, k, v)
-    assert got.shape == (q.shape[0], cfg["hq"], v.shape[-1])
-    torch.testing.assert_close(got, want)
-
-
-@pytest.mark.parametrize("backend,device", PAIRS)
-def test_varlen_with_no_sequences_and_dropout(backend, device):
-    need(backend, device)
-    cfg = VARLEN["plain"]
-    q, k, v, cu_q, cu_k = _packed(cfg, torch.float32, device)
-    with fastlm.use_backend(backend):
-        empty = fastlm.varlen_attention(q[:0], k[:0], v[:0], cu_q[:1], cu_k[:1], 0, 0)
-        assert empty.shape == (0, cfg["hq"], v.shape[-1])
-        runs = []
-        for p in (0.3, 0.3, 0.0):
-            torch.manual_seed(2)
-            runs.append(fastlm.varlen_attention(q, k, v, cu_q, cu_k, 13, 17, dropout_p=p))
-    assert torch.equal(runs[0], runs[1]), "not reproducible under torch.manual_seed"
-    assert runs[0].isfinite().all()
-    assert not torch.equal(runs[0], runs[2]), "dropout_p=0.3 changed nothing"
-
-
-@pytest.mark.parametrize("args,err,match", [
-    (dict(cu_q=[1, 5, 20]), ValueError, r"cu_seqlens_q must start at 0, be non-decreasing and "
-     r"end at 20 \(the packed length\), got \[1, 5, 20\]"),
-    (dict(cu_q=[0, 12, 5, 20], cu_k=[0, 5, 10, 25]), ValueError,
-     "cu_seqlens_q must start at 0, be non-decreasing"),
-    (dict(cu_k=[0, 5, 19]), ValueError, r"cu_seqlens_k must start at 0, .*end at 25"),
-    (dict(cu_k=[0, 5, 25, 25]), ValueError, "cu_seqlens_q and cu_seqlens_k must have the same "
-     "length, got 3 and 4"),
-    (dict(max_q=10), ValueError, r"a sequence is longer than max_seqlen \(10\) given for "
-     "cu_seqlens_q"),
-    (dict(cu_dtype=torch.float32), ValueError, "cu_seqlens_q must be a 1-D int32/int64 tensor"),
-    (dict(q_shape=(20, 2, 1, 8)), ValueError, "q must be a 3-D tensor"),
-    (dict(v_total=24), ValueError, "k and v must have the same total length, got 25 and 24"),
-])
-def test_varlen_bad_input(args, err, match):
-    q = torch.randn(args.get("q_shape", (20, 2, 8)))
-    k = torch.randn(25, 2, 8)
-    v = torch.randn(args.get("v_total", 25), 2, 8)
-    cd = args.get("cu_dtype", torch.int32)
-    cu_q = torch.tensor(args.get("cu_q", [0, 5, 20]), dtype=cd)
-    cu_k = torch.tensor(args.get("cu_k", [0, 5, 25]), dtype=cd)
-    with pytest.raises(err, match="fastlm.varlen_attention: " + match):
-        fastlm.varlen_attention(q, k, v, cu_q, cu_k, args.get("max_q", 15), 20)
 
 
 # ---------------------------------------------------------------------------------------------

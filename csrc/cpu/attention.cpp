@@ -29,6 +29,10 @@
 // The number of chunks depends only on the shapes, never on the thread count, and every sum
 // runs in a fixed order, so the gradients are bit-identical for any number of threads.
 //
+// Varlen (packed sequences of different lengths, fastlm.varlen_attention) runs the same two
+// drivers: each (batch, head) item gets a base row and a length from the sequence offsets
+// (Problem::seq), and work past a sequence's end is skipped; nothing is padded.
+//
 // Dropout bits come from the shared Philox helpers (attention.h), regenerated in the backward.
 // The vector code is written with GCC vector extensions (8 floats) and compiled for
 // x86-64-v4, x86-64-v3 (AVX2 + FMA) and baseline x86-64 (target_clones), picked at load time.
@@ -54,7 +58,9 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "../attention.h"
 
@@ -641,6 +647,14 @@ void causal_tile(float* S, int64_t si, int64_t sj, int64_t ni, int64_t nk, int64
 
 // ---------------------------------------------------------------------------------------------
 // The problem, as the drivers see it: element strides of dims 0..2 (dim 3 has stride 1).
+//
+// Dense: batch b is its own (Hq, L, E) problem. Varlen (packed sequences, cu_q non-null): the
+// operands are the views (1, H, total, dim) of the packed (total, H, dim) tensors, with stride
+// 0 on dim 0, and "batch" b is sequence b: rows q0 = cu_q[b] .. cu_q[b + 1] of q (and of out
+// and lse), rows k0 = cu_k[b] .. cu_k[b + 1] of k and v; B is the number of sequences and L, S
+// the longest lengths. Positions i, j within the sequence (causal, dropout) and bh = b Hq + h
+// are those of the padded dense problem. Both run the same loops: per (b, h) a base row and a
+// length (seq(b)), and strides for the outputs.
 struct Problem {
   int64_t B, Hq, Hk, G, L, S, E, Ev;
   const void *q, *k, *v;
@@ -652,6 +666,21 @@ struct Problem {
   uint64_t seed, offset;
   uint32_t thresh;
   float r;
+  const int32_t *cu_q = nullptr, *cu_k = nullptr;  // varlen: the (B + 1) offsets
+  // Row strides (batch, head, row), in rows of E (Ev) elements: of out and grad_q (orow), of
+  // grad_k and grad_v (krow); element strides (batch, head) of lse and D, whose rows are
+  // contiguous. Dense: the contiguous (B, H, len, dim) layouts; varlen: (total, H, dim) and
+  // lse (Hq, total_q).
+  int64_t orow[3], krow[3], sl[2];
+  // Physical query rows per head (L, or total_q) and heads (B Hq, or Hq) of lse and D.
+  int64_t PL, PB;
+  struct Seq {
+    int64_t q0, L, k0, S;
+  };
+  Seq seq(int64_t b) const {
+    if (!cu_q) return {0, L, 0, S};
+    return {cu_q[b], cu_q[b + 1] - cu_q[b], cu_k[b], cu_k[b + 1] - cu_k[b]};
+  }
 };
 
 // Tile sizes. Forward: 96 = 16 row blocks of the micro-kernel = 6 column panels; a larger query
@@ -694,7 +723,7 @@ template <typename T>
 void attn_fwd(const Problem& P, T* out, float* lse) {
   using C = Cvt<T>;
   constexpr bool kF32 = std::is_same_v<T, float>;
-  const int64_t BH = P.B * P.Hq, nqb = (P.L + kFq - 1) / kFq, nkb = (P.S + kFk - 1) / kFk;
+  const int64_t BH = P.B * P.Hq, nqb = (P.L + kFq - 1) / kFq;
   const int64_t E = P.E, Ev = P.Ev, Evp = round_up(Ev, W);
   const bool v_direct = kF32 && Ev % W == 0;  // V rows read in place as the B operand
   const float c2 = float(double(P.scale) * 1.4426950408889634);
@@ -722,21 +751,25 @@ void attn_fwd(const Problem& P, T* out, float* lse) {
     for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < units;) {
       const int64_t qb = nqb - 1 - u % nqb, bh = u / nqb, b = bh / P.Hq, h = bh % P.Hq;
       const int64_t g = h / P.G;
-      const int64_t i0 = qb * kFq, ni = std::min(kFq, P.L - i0), nip = round_up(ni, W);
-      const T* qp = q + b * P.sq[0] + h * P.sq[1] + i0 * P.sq[2];
-      const T* kp = k + b * P.sk[0] + g * P.sk[1];
-      const T* vp = v + b * P.sv[0] + g * P.sv[1];
+      const Problem::Seq sg = P.seq(b);
+      const int64_t Lq = sg.L, Sk = sg.S, nkb = (Sk + kFk - 1) / kFk;
+      const int64_t i0 = qb * kFq;
+      if (i0 >= Lq) continue;  // varlen: this block lies past the end of a shorter sequence
+      const int64_t ni = std::min(kFq, Lq - i0), nip = round_up(ni, W);
+      const T* qp = q + b * P.sq[0] + h * P.sq[1] + (sg.q0 + i0) * P.sq[2];
+      const T* kp = k + b * P.sk[0] + g * P.sk[1] + sg.k0 * P.sk[2];
+      const T* vp = v + b * P.sv[0] + g * P.sv[1] + sg.k0 * P.sv[2];
       C::load_cols(qp, P.sq[2], ni, E, Qt, kFq, c2);
       std::fill(m, m + kFq, -kInf);
       std::fill(l, l + kFq, 0.f);
       std::fill(O, O + ni * Evp, 0.f);
-      const int64_t kb_end = P.causal ? causal_kb_end(i0, ni, P.S, kFk) : nkb;
+      const int64_t kb_end = P.causal ? causal_kb_end(i0, ni, Sk, kFk) : nkb;
       for (int64_t kb = 0; kb < kb_end; ++kb) {
-        const int64_t j0 = kb * kFk, nk = std::min(kFk, P.S - j0);
+        const int64_t j0 = kb * kFk, nk = std::min(kFk, Sk - j0);
         // Ask for the next key block's K and V rows now (into L2): they arrive while this
         // block is computed instead of stalling its tile products.
         if (kb + 1 < kb_end) {
-          const int64_t nn = std::min(kFk, P.S - j0 - kFk);
+          const int64_t nn = std::min(kFk, Sk - j0 - kFk);
           prefetch_rows(kp + (j0 + kFk) * P.sk[2], P.sk[2], nn, E * int64_t(sizeof(T)));
           prefetch_rows(vp + (j0 + kFk) * P.sv[2], P.sv[2], nn, Ev * int64_t(sizeof(T)));
           P.mask.prefetch(b, h, i0, j0 + kFk, ni, nn);
@@ -782,13 +815,14 @@ void attn_fwd(const Problem& P, T* out, float* lse) {
         gemm(ni, Evp, nk, St, 1, kFq, Bv, ldv, O, Evp, kScaleAdd, alpha, nullptr);
       }
       // out = acc / l; lse = ln 2 (m + log2 l), +inf (and out 0) for a row that saw nothing.
-      float* lrow = lse + bh * P.L + i0;
+      float* lrow = lse + b * P.sl[0] + h * P.sl[1] + sg.q0 + i0;
       for (int64_t ii = 0; ii < ni; ++ii) {
         const bool empty = !(l[ii] > 0.f);
         lrow[ii] = empty ? kInf : float((double(m[ii]) + std::log2(double(l[ii]))) * kLn2);
         l[ii] = empty ? 0.f : 1.f / l[ii];
       }
-      C::store_rows(O, Evp, ni, Ev, out + (bh * P.L + i0) * Ev, Ev, 1.f, l);
+      const int64_t orow = b * P.orow[0] + h * P.orow[1] + (sg.q0 + i0) * P.orow[2];
+      C::store_rows(O, Evp, ni, Ev, out + orow * Ev, P.orow[2] * Ev, 1.f, l);
     }
   });
 }
@@ -801,22 +835,25 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
   using C = Cvt<T>;
   constexpr bool kF32 = std::is_same_v<T, float>;
   const int64_t B = P.B, Hq = P.Hq, Hk = P.Hk, G = P.G, L = P.L, S = P.S, E = P.E, Ev = P.Ev;
-  const int64_t BH = B * Hq, nqb = (L + kBq - 1) / kBq, nkb = (S + kBk - 1) / kBk;
+  const int64_t BH = B * Hq, nkb = (S + kBk - 1) / kBk;
+  const int64_t PB = P.PB, PL = P.PL;  // lse's heads and rows: B Hq and L, or Hq and total_q
   const int64_t Ep = round_up(E, W), Evp = round_up(Ev, W);
   const float c2 = float(double(P.scale) * 1.4426950408889634);
   const T* q = static_cast<const T*>(P.q);
   const T* k = static_cast<const T*>(P.k);
   const T* v = static_cast<const T*>(P.v);
 
-  // D_i = sum_e dout_ie out_ie, float32, one per query row.
-  std::unique_ptr<float[]> Dbuf(new float[std::max<int64_t>(1, BH * L)]);
+  // D_i = sum_e dout_ie out_ie, float32, one per query row (lse's layout).
+  std::unique_ptr<float[]> Dbuf(new float[std::max<int64_t>(1, PB * PL)]);
   float* Dv = Dbuf.get();
   const int64_t head_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L * Ev));
   at::parallel_for(0, BH, head_grain, [&](int64_t r0, int64_t r1) {
     for (int64_t bh = r0; bh < r1; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq;
-      C::dot_rows(dout + b * sdo[0] + h * sdo[1], sdo[2], o + b * so[0] + h * so[1], so[2], L,
-                  Ev, Dv + bh * L);
+      const Problem::Seq sg = P.seq(b);
+      C::dot_rows(dout + b * sdo[0] + h * sdo[1] + sg.q0 * sdo[2], sdo[2],
+                  o + b * so[0] + h * so[1] + sg.q0 * so[2], so[2], sg.L, Ev,
+                  Dv + b * P.sl[0] + h * P.sl[1] + sg.q0);
     }
   });
 
@@ -824,20 +861,21 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
   // float32 dq partial), at most 8 chunks. A function of the shapes only, never of the threads.
   const int64_t BG = B * Hk;
   const int64_t NC = std::max<int64_t>(1, std::min<int64_t>({nkb, 8, (32 + BG - 1) / BG}));
-  // dq partials (float32, unscaled): chunk c at dqacc[c] (BH x L x Ep). Chunk 0 accumulates
-  // into grad_q itself when it is float32 with E a multiple of W.
-  const bool dq_direct = kF32 && E == Ep;
-  const int64_t part = BH * L * Ep;
+  // dq partials (float32, unscaled, rows in lse's layout): chunk c at dqacc[c] (PB x PL x Ep).
+  // Chunk 0 accumulates into grad_q itself when it is float32 with E a multiple of W (dense:
+  // grad_q's rows are laid out as lse's).
+  const bool dq_direct = kF32 && E == Ep && !P.cu_q;
+  const int64_t part = PB * PL * Ep;
   const int64_t nbuf = dq_direct ? NC - 1 : NC;
   std::unique_ptr<float[]> dqbuf(new float[std::max<int64_t>(1, nbuf * part)]);
   auto dq_part = [&](int64_t c) -> float* {
     if (dq_direct) return c == 0 ? reinterpret_cast<float*>(dq) : dqbuf.get() + (c - 1) * part;
     return dqbuf.get() + c * part;
   };
-  at::parallel_for(0, NC * BH, head_grain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, NC * PB, head_grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      float* p = dq_part(r / BH) + (r % BH) * L * Ep;
-      std::fill(p, p + L * Ep, 0.f);
+      float* p = dq_part(r / PB) + (r % PB) * PL * Ep;
+      std::fill(p, p + PL * Ep, 0.f);
     }
   });
 
@@ -864,12 +902,15 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
     for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < units;) {
       // Under causal the first chunks (early keys) carry the most work: hand them out first.
       const int64_t c = u / BG, bg = u % BG, b = bg / Hk, g = bg % Hk;
-      const int64_t kb0 = c * nkb / NC, kb1 = (c + 1) * nkb / NC;
+      const Problem::Seq sg = P.seq(b);
+      const int64_t Lq = sg.L, Sk = sg.S;
+      const int64_t nqb = (Lq + kBq - 1) / kBq, nkb_b = (Sk + kBk - 1) / kBk;
+      const int64_t kb0 = c * nkb_b / NC, kb1 = (c + 1) * nkb_b / NC;
       float* dqa = dq_part(c);
-      const T* kp = k + b * P.sk[0] + g * P.sk[1];
-      const T* vp = v + b * P.sv[0] + g * P.sv[1];
+      const T* kp = k + b * P.sk[0] + g * P.sk[1] + sg.k0 * P.sk[2];
+      const T* vp = v + b * P.sv[0] + g * P.sv[1] + sg.k0 * P.sv[2];
       for (int64_t kb = kb0; kb < kb1; ++kb) {
-        const int64_t j0 = kb * kBk, nk = std::min(kBk, S - j0), nkp = round_up(nk, W);
+        const int64_t j0 = kb * kBk, nk = std::min(kBk, Sk - j0), nkp = round_up(nk, W);
         // This key block as B operands: (c2 K)^T and V^T (E x keys), and K rows for dq.
         C::load_cols(kp + j0 * P.sk[2], P.sk[2], nk, E, Kt, kBk, c2);
         C::load_cols(vp + j0 * P.sv[2], P.sv[2], nk, Ev, Vt, kBk, 1.f);
@@ -888,8 +929,8 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
         for (int64_t t = 0; t < G; ++t) {
           const int64_t h = g * G + t, bh = b * Hq + h;
           for (int64_t qb = qb0; qb < nqb; ++qb) {
-            const int64_t i0 = qb * kBq, ni = std::min(kBq, L - i0);
-            if (qb + 1 < nqb) P.mask.prefetch(b, h, i0 + kBq, j0, std::min(kBq, L - i0 - kBq), nk);
+            const int64_t i0 = qb * kBq, ni = std::min(kBq, Lq - i0);
+            if (qb + 1 < nqb) P.mask.prefetch(b, h, i0 + kBq, j0, std::min(kBq, Lq - i0 - kBq), nk);
             int mk = kMaskNoop;
             const char* mp = nullptr;
             if (P.mask.type != kNoMask) {
@@ -897,8 +938,9 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
               mk = P.mask.kind(mp, ni, nk);
               if (mk == kMaskSkip) continue;
             }
-            const T* qp = q + b * P.sq[0] + h * P.sq[1] + i0 * P.sq[2];
-            const T* dop = dout + b * sdo[0] + h * sdo[1] + i0 * sdo[2];
+            const T* qp = q + b * P.sq[0] + h * P.sq[1] + (sg.q0 + i0) * P.sq[2];
+            const T* dop = dout + b * sdo[0] + h * sdo[1] + (sg.q0 + i0) * sdo[2];
+            const int64_t lr = b * P.sl[0] + h * P.sl[1] + sg.q0 + i0;  // lse, D, dq partial
             const float *Qa, *dOa;
             int64_t ldq = Ep, lddo = Evp;
             if (q_direct) {
@@ -923,24 +965,22 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
             if (P.dropout)
               dropout_tile(Zr, kBk, 1, ni, nk, i0, j0, uint32_t(bh), P.seed, P.offset, P.thresh,
                            P.r);
-            bwd_tile(Sb, dPb, ni, nkp / W, kBk, lse + bh * L + i0, Dv + bh * L + i0,
-                     P.dropout ? Zr : nullptr);
+            bwd_tile(Sb, dPb, ni, nkp / W, kBk, lse + lr, Dv + lr, P.dropout ? Zr : nullptr);
             // dv += (p z r)^T dout;  dk += ds^T q;  dq += ds k  (scale applied at the end).
             gemm(nk, Evp, ni, Sb, 1, kBk, dOa, lddo, dVa, Evp, kAdd, nullptr, nullptr);
             gemm(nk, Ep, ni, dPb, 1, kBk, Qa, ldq, dKa, Ep, kAdd, nullptr, nullptr);
-            gemm(ni, Ep, nk, dPb, kBk, 1, Kb, ldk, dqa + (bh * L + i0) * Ep, Ep, kAdd, nullptr,
-                 nullptr);
+            gemm(ni, Ep, nk, dPb, kBk, 1, Kb, ldk, dqa + lr * Ep, Ep, kAdd, nullptr, nullptr);
           }
         }
-        const int64_t row = (b * Hk + g) * S + j0;
-        C::store_rows(dKa, Ep, nk, E, dk + row * E, E, P.scale, nullptr);
-        C::store_rows(dVa, Evp, nk, Ev, dv + row * Ev, Ev, 1.f, nullptr);
+        const int64_t row = b * P.krow[0] + g * P.krow[1] + (sg.k0 + j0) * P.krow[2];
+        C::store_rows(dKa, Ep, nk, E, dk + row * E, P.krow[2] * E, P.scale, nullptr);
+        C::store_rows(dVa, Evp, nk, Ev, dv + row * Ev, P.krow[2] * Ev, 1.f, nullptr);
       }
     }
   });
 
   // dq = scale * (partial_0 + partial_1 + ...), the chunks in order.
-  const int64_t rows = BH * L;
+  const int64_t rows = PB * PL;
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     std::unique_ptr<float[]> acc(NC > 1 ? new float[Ep] : nullptr);
     for (int64_t r = r0; r < r1; ++r) {
@@ -953,7 +993,8 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
         }
         src = acc.get();
       }
-      C::store_rows(src, Ep, 1, E, dq + r * E, E, P.scale, nullptr);
+      const int64_t dr = P.cu_q ? (r / PL) * P.orow[1] + (r % PL) * P.orow[2] : r;
+      C::store_rows(src, Ep, 1, E, dq + dr * E, E, P.scale, nullptr);
     }
   });
 }
@@ -1004,6 +1045,18 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     P.seed = uint64_t(s[0]);
     P.offset = uint64_t(s[1]);
   }
+  // Outputs: out, grad_q (B, Hq, L, *) and grad_k, grad_v (B, Hk, S, *) contiguous; lse
+  // (B, Hq, L).
+  P.orow[0] = P.Hq * P.L;
+  P.orow[1] = P.L;
+  P.orow[2] = 1;
+  P.krow[0] = P.Hk * P.S;
+  P.krow[1] = P.S;
+  P.krow[2] = 1;
+  P.sl[0] = P.Hq * P.L;
+  P.sl[1] = P.L;
+  P.PB = P.B * P.Hq;
+  P.PL = P.L;
   return P;
 }
 
@@ -1064,11 +1117,167 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   return {dq, dk, dv};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Varlen entry points: the packed q (total_q, Hq, E), k (total_k, Hk, E), v (total_k, Hk, Ev)
+// run as the dense problem's views (1, H, total, dim) with per-sequence rows (Problem).
+at::Tensor as_4d(const at::Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
+
+void varlen_check(const char* who, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& cu_q, const at::Tensor& cu_k,
+                  const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, who,
+              ": q, k and v must be 3-D (total, heads, head dim), got ", q.dim(), "-D, ", k.dim(),
+              "-D and ", v.dim(), "-D");
+  for (const at::Tensor* cu : {&cu_q, &cu_k}) {
+    const char* name = cu == &cu_q ? "cu_seqlens_q" : "cu_seqlens_k";
+    TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 1 &&
+                    (cu->scalar_type() == at::kInt || cu->scalar_type() == at::kLong),
+                who, ": ", name, " must be a 1-D int32/int64 tensor of n + 1 offsets, got ",
+                cu->scalar_type(), " of shape ", cu->sizes());
+    TORCH_CHECK(cu->device() == q.device(), who, ": ", name, " is on ", cu->device(),
+                " but q is on ", q.device());
+  }
+  TORCH_CHECK(cu_q.numel() == cu_k.numel(), who,
+              ": cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_q.numel(),
+              " and ", cu_k.numel());
+  attn_check_fwd(who, as_4d(q), as_4d(k), as_4d(v), std::nullopt, rng, dropout_p, is_causal);
+}
+
+// Checks the offsets (start at 0, non-decreasing, end at the packed length, no sequence
+// longer than its max_seqlen) on the host and returns them as int32 with the longest lengths.
+std::pair<at::Tensor, int64_t> varlen_offsets(const char* who, const char* name,
+                                              const at::Tensor& cu, int64_t total, int64_t mx) {
+  TORCH_CHECK(total <= std::numeric_limits<int32_t>::max(), who, ": ", name,
+              ": packed lengths must fit in int32, got ", total);
+  const at::Tensor c64 = cu.to(at::kLong).contiguous();
+  const int64_t* c = c64.const_data_ptr<int64_t>();
+  const int64_t n = c64.numel() - 1;
+  int64_t longest = 0;
+  bool ok = c[0] == 0 && c[n] == total;
+  for (int64_t b = 0; b < n && ok; ++b) {
+    ok = c[b + 1] >= c[b];
+    longest = std::max(longest, c[b + 1] - c[b]);
+  }
+  TORCH_CHECK(ok, who, ": ", name, " must start at 0, be non-decreasing and end at ", total,
+              " (the packed length)");
+  TORCH_CHECK(longest <= mx, who, ": a sequence is longer than max_seqlen (", mx,
+              ") given for ", name);
+  return {cu.to(at::kInt).contiguous(), longest};
+}
+
+struct Varlen {
+  at::Tensor cu_q, cu_k;  // int32, kept alive while the Problem points into them
+  Problem P;
+};
+
+Varlen make_varlen(const char* who, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                   int64_t max_q, int64_t max_k, const std::optional<at::Tensor>& rng,
+                   double dropout_p, bool is_causal, double scale) {
+  Varlen V;
+  int64_t Lmax, Smax;
+  std::tie(V.cu_q, Lmax) = varlen_offsets(who, "cu_seqlens_q", cu_q, q.size(0), max_q);
+  std::tie(V.cu_k, Smax) = varlen_offsets(who, "cu_seqlens_k", cu_k, k.size(0), max_k);
+  Problem& P = V.P;
+  P = make_problem(as_4d(q), as_4d(k), as_4d(v), std::nullopt, rng, dropout_p, is_causal, scale);
+  const int64_t Tq = q.size(0);
+  P.B = cu_q.numel() - 1;
+  P.L = Lmax;  // the longest sequences (block counts): read from the offsets, not max_seqlen
+  P.S = Smax;
+  P.sq[0] = P.sk[0] = P.sv[0] = 0;
+  P.cu_q = V.cu_q.const_data_ptr<int32_t>();
+  P.cu_k = V.cu_k.const_data_ptr<int32_t>();
+  // out, grad_q (total_q, Hq, *), grad_k, grad_v (total_k, Hk, *) contiguous; lse (Hq, total_q).
+  P.orow[0] = 0;
+  P.orow[1] = 1;
+  P.orow[2] = P.Hq;
+  P.krow[0] = 0;
+  P.krow[1] = 1;
+  P.krow[2] = P.Hk;
+  P.sl[0] = 0;
+  P.sl[1] = Tq;
+  P.PB = P.Hq;
+  P.PL = Tq;
+  return V;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, int64_t max_q, int64_t max_k, const std::optional<at::Tensor>& rng,
+    double dropout_p, bool is_causal, double scale) {
+  const char* who = "fastlm.varlen_attention_fwd";
+  varlen_check(who, q, k, v, cu_q, cu_k, rng, dropout_p, is_causal);
+  const Varlen V = make_varlen(who, q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p,
+                               is_causal, scale);
+  const Problem& P = V.P;
+  at::Tensor out = at::empty({q.size(0), P.Hq, P.Ev}, q.options());
+  at::Tensor lse = at::empty({P.Hq, q.size(0)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      attn_fwd<float>(P, out.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+      break;
+    case at::kHalf:
+      attn_fwd<c10::Half>(P, out.mutable_data_ptr<c10::Half>(), lse.mutable_data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      attn_fwd<c10::BFloat16>(P, out.mutable_data_ptr<c10::BFloat16>(),
+                              lse.mutable_data_ptr<float>());
+      break;
+    default: TORCH_CHECK(false, who, ": unsupported dtype ", q.scalar_type());
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, int64_t max_q, int64_t max_k, const std::optional<at::Tensor>& rng,
+    double dropout_p, bool is_causal, double scale) {
+  const char* who = "fastlm.varlen_attention_bwd";
+  varlen_check(who, q, k, v, cu_q, cu_k, rng, dropout_p, is_causal);
+  const int64_t Tq = q.size(0), Hq = q.size(1), Ev = v.size(2);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == Tq && grad_out.size(1) == Hq &&
+                  grad_out.size(2) == Ev && out.dim() == 3 && out.sizes() == grad_out.sizes(),
+              who, ": grad_out and out must have shape (", Tq, ", ", Hq, ", ", Ev, "), got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == Hq && lse.size(1) == Tq, who,
+              ": lse must have shape (", Hq, ", ", Tq, "), got ", lse.sizes());
+  attn_check_bwd(who, as_4d(grad_out), as_4d(q), as_4d(k), as_4d(v), as_4d(out),
+                 lse.unsqueeze(0), std::nullopt, rng, dropout_p, is_causal);
+  const Varlen V = make_varlen(who, q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p,
+                               is_causal, scale);
+  const Problem& P = V.P;
+  const at::Tensor dO = grad_out.stride(2) == 1 ? grad_out : grad_out.contiguous();
+  const at::Tensor O = out.stride(2) == 1 ? out : out.contiguous();
+  const at::Tensor ls = lse.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
+  const int64_t sdo[3] = {0, dO.stride(1), dO.stride(0)};
+  const int64_t so[3] = {0, O.stride(1), O.stride(0)};
+#define FASTLM_ATTN_BWD(T)                                                                     \
+  attn_bwd<T>(P, dO.const_data_ptr<T>(), sdo, O.const_data_ptr<T>(), so,                       \
+              ls.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>(),  \
+              dv.mutable_data_ptr<T>())
+  switch (q.scalar_type()) {
+    case at::kFloat: FASTLM_ATTN_BWD(float); break;
+    case at::kHalf: FASTLM_ATTN_BWD(c10::Half); break;
+    case at::kBFloat16: FASTLM_ATTN_BWD(c10::BFloat16); break;
+    default: TORCH_CHECK(false, who, ": unsupported dtype ", q.scalar_type());
+  }
+#undef FASTLM_ATTN_BWD
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
+  m.impl("varlen_attention_fwd", &varlen_attention_fwd_cpu);
+  m.impl("varlen_attention_bwd", &varlen_attention_bwd_cpu);
 }
 
 }  // namespace fastlm

@@ -171,6 +171,74 @@ def reference_attention_bwd(grad_out, q, k, v, out, lse, mask, rng, dropout_p, i
     return (dq.to(q.dtype), _fold_heads(dk, hk).to(k.dtype), _fold_heads(dv, hk).to(v.dtype))
 
 
+# Varlen reference: the packed sequences as the padded dense problem (docs/attention.md,
+# "Varlen"), in tensor ops only (no host reads of the offsets, so torch.compile traces it).
+def _varlen_index(cu, size):
+    """(rows, valid), both (n, size): the packed row of position i of sequence b, and whether
+    sequence b has a position i (rows of missing positions point at row 0)."""
+    cu = cu.to(torch.int64)
+    i = torch.arange(size, device=cu.device)
+    valid = i < (cu[1:] - cu[:-1]).unsqueeze(1)
+    return torch.where(valid, cu[:-1].unsqueeze(1) + i, 0), valid
+
+
+def _pad(t, rows, valid, fill=0.0):
+    """(n, H, size, *) from the packed (total, H, *) t; missing positions hold `fill`."""
+    n, size = rows.shape
+    if t.shape[0] == 0:
+        return t.new_full((n, t.shape[1], size, *t.shape[2:]), fill)
+    p = t[rows].transpose(1, 2)
+    v = valid.view(n, 1, size, *(1,) * (t.dim() - 2))
+    return torch.where(v, p, torch.full_like(p, fill))
+
+
+def _unpad(t, cu, total):
+    """The packed (total, H, *) rows of the padded (n, H, size, *) t."""
+    cu = cu.to(torch.int64)
+    r = torch.arange(total, device=cu.device)
+    b = torch.searchsorted(cu[1:], r, right=True)
+    return t[b, :, r - cu[b]]
+
+
+def _varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal):
+    """q, k, v padded to (n, H, max_seqlen, *), the index of q's rows, and the (n, 1, max_q,
+    max_k) mask of the keys each query may attend (the sequence's, causal within it)."""
+    rq, vq = _varlen_index(cu_seqlens_q, max_seqlen_q)
+    rk, vk = _varlen_index(cu_seqlens_k, max_seqlen_k)
+    mask = vk.view(vk.shape[0], 1, 1, max_seqlen_k).expand(-1, 1, max_seqlen_q, -1)
+    if is_causal:
+        mask = mask & torch.ones(max_seqlen_q, max_seqlen_k, dtype=torch.bool,
+                                 device=q.device).tril()
+    return _pad(q, rq, vq), _pad(k, rk, vk), _pad(v, rk, vk), (rq, vq), (rk, vk), mask
+
+
+def reference_varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, rng, dropout_p, is_causal, scale):
+    """varlen_attention_fwd of docs/attention.md: (out (total_q, Hq, Ev) in q's dtype, lse
+    (Hq, total_q) float32): reference_attention_fwd on the padded problem with the key-padding
+    (and causal) mask, hence its dropout bits (bh = b * Hq + h, positions within sequence b)."""
+    qp, kp, vp, _, _, mask = _varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, is_causal)
+    out, lse = reference_attention_fwd(qp, kp, vp, mask, rng, dropout_p, False, scale)
+    total = q.shape[0]
+    return (_unpad(out, cu_seqlens_q, total),
+            _unpad(lse.unsqueeze(-1), cu_seqlens_q, total).squeeze(-1).t().contiguous())
+
+
+def reference_varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                   max_seqlen_q, max_seqlen_k, rng, dropout_p, is_causal, scale):
+    """varlen_attention_bwd of docs/attention.md: (grad_q, grad_k, grad_v), packed like q, k, v:
+    reference_attention_bwd on the padded problem (padded rows: no gradient, lse +inf)."""
+    qp, kp, vp, (rq, vq), _, mask = _varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                   max_seqlen_q, max_seqlen_k, is_causal)
+    dop, op = _pad(grad_out, rq, vq), _pad(out, rq, vq)
+    lp = _pad(lse.t().unsqueeze(-1), rq, vq, float("inf")).squeeze(-1)
+    dq, dk, dv = reference_attention_bwd(dop, qp, kp, vp, op, lp, mask, rng, dropout_p, False,
+                                         scale)
+    return (_unpad(dq, cu_seqlens_q, q.shape[0]), _unpad(dk, cu_seqlens_k, k.shape[0]),
+            _unpad(dv, cu_seqlens_k, k.shape[0]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels (shapes and dtypes only), shared by the C++ and the Triton ops.
 def _fake_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale):
@@ -180,6 +248,17 @@ def _fake_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale):
 
 
 def _fake_bwd(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng,
+                     dropout_p, is_causal, scale):
+    t, h = q.shape[0], q.shape[1]
+    return q.new_empty((t, h, v.shape[2])), q.new_empty((h, t), dtype=torch.float32)
+
+
+def _fake_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                     max_seqlen_k, rng, dropout_p, is_causal, scale):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
@@ -236,6 +315,57 @@ def _has_kernel(device_type):
     return _KERNELS.get(device_type, False)
 
 
+# Varlen: the C++ op runs on the CPU (csrc/cpu/attention.cpp); on CUDA tensors the Triton
+# kernels run it (there is no CUDA C++ varlen kernel).
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng)
+    ctx.args = (max_q, max_k)
+    ctx.flags = (dropout_p, is_causal, scale)
+
+
+def _make_varlen_backward(bwd_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, cu_q, cu_k, rng = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args, rng,
+                            *ctx.flags)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+                *(None,) * 8)
+
+    return backward
+
+
+def _no_varlen_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastlm.varlen_attention does not support double backward (higher-order gradients): "
+        "run that computation with fastlm.use_backend('torch')")
+
+
+def _register_varlen(fwd_name, bwd_name, bwd_op):
+    torch.library.register_autograd(fwd_name, _make_varlen_backward(bwd_op),
+                                    setup_context=_varlen_setup_context)
+    torch.library.register_autograd(bwd_name, _no_varlen_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+_C_VARLEN = hasattr(torch.ops.fastlm, "varlen_attention_fwd")
+if _C_VARLEN:
+    torch.library.register_fake("fastlm::varlen_attention_fwd")(_fake_varlen_fwd)
+    torch.library.register_fake("fastlm::varlen_attention_bwd")(_fake_varlen_bwd)
+    _register_varlen("fastlm::varlen_attention_fwd", "fastlm::varlen_attention_bwd",
+                     torch.ops.fastlm.varlen_attention_bwd)
+_VARLEN_KERNELS = {t: _C_VARLEN and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastlm::varlen_attention_fwd", t.upper()) for t in ("cpu", "cuda")}
+
+
+def _has_varlen_kernel(device_type):
+    return _VARLEN_KERNELS.get(device_type, False)
+
+
 def _register_triton_ops():
     """Define the Triton custom ops (deferred to first use, as in ops/layer_norm.py)."""
     from torch.library import triton_op
@@ -257,6 +387,31 @@ def _register_triton_ops():
 
     _register("fastlm::attention_fwd_triton", "fastlm::attention_bwd_triton",
               torch.ops.fastlm.attention_bwd_triton)
+    _register_triton_varlen_ops(tk)
+
+
+def _register_triton_varlen_ops(tk):
+    from torch.library import triton_op
+
+    @triton_op("fastlm::varlen_attention_fwd_triton", mutates_args=())
+    def varlen_attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                                    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                    rng: Optional[Tensor], dropout_p: float, is_causal: bool,
+                                    scale: float) -> tuple[Tensor, Tensor]:
+        return tk.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, rng, dropout_p, is_causal, scale)
+
+    @triton_op("fastlm::varlen_attention_bwd_triton", mutates_args=())
+    def varlen_attention_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                                    out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+                                    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                    rng: Optional[Tensor], dropout_p: float, is_causal: bool,
+                                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        return tk.varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                  max_seqlen_q, max_seqlen_k, rng, dropout_p, is_causal, scale)
+
+    _register_varlen("fastlm::varlen_attention_fwd_triton", "fastlm::varlen_attention_bwd_triton",
+                     torch.ops.fastlm.varlen_attention_bwd_triton)
 
 
 _triton_registered = False
@@ -426,23 +581,63 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.reshape(out_shape)
 
 
+def _varlen_check_offsets(who, cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
+                          max_seqlen_k):
+    """The offsets start at 0, do not decrease, end at the packed lengths, and no sequence is
+    longer than its max_seqlen (the Triton kernels' grids cover max_seqlen only). Eager: read
+    on the host once (one device-to-host copy for both). Under torch.compile: the same checks
+    as device-side asserts (torch._assert_async), so the graph needs no host values."""
+    if torch.compiler.is_compiling():
+        for name, c, total, mx in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
+                                   ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
+            d = c[1:] - c[:-1]
+            ok = (c[0] == 0) & (c[-1] == total) & (d >= 0).all() & (d <= mx).all()
+            torch._assert_async(ok, f"{who}: {name} must start at 0, be non-decreasing, end at "
+                                    f"{total} (the packed length) and hold no sequence longer "
+                                    f"than max_seqlen ({mx})")
+        return
+    cq, ck = torch.stack([cu_seqlens_q.to(torch.int64), cu_seqlens_k.to(torch.int64)]).tolist()
+    for name, c, total, mx in (("cu_seqlens_q", cq, total_q, max_seqlen_q),
+                               ("cu_seqlens_k", ck, total_k, max_seqlen_k)):
+        if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"{who}: {name} must start at 0, be non-decreasing and end at "
+                             f"{total} (the packed length), got {c}")
+        if any(b - a > mx for a, b in zip(c, c[1:])):
+            raise ValueError(f"{who}: a sequence is longer than max_seqlen ({mx}) given for "
+                             f"{name}")
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                      dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Attention over packed sequences of different lengths, with no padding computed.
 
     q: (total_q, Hq, E), k: (total_k, Hk, E), v: (total_k, Hk, Ev); cu_seqlens_q/_k: int32 or
     int64 (n + 1,) cumulative lengths starting at 0; sequence i is q[cu_q[i]:cu_q[i+1]]
-    attending to k[cu_k[i]:cu_k[i+1]]. Returns (total_q, Hq, Ev). is_causal is top-left within
-    each sequence, as in scaled_dot_product_attention.
+    attending to k[cu_k[i]:cu_k[i+1]]; max_seqlen_q/_k bound the sequences' lengths. Returns
+    (total_q, Hq, Ev). is_causal is top-left within each sequence, and heads broadcast or group
+    (enable_gqa) as in scaled_dot_product_attention.
 
-    Today each sequence runs as its own dense kernel call on a view of the packed tensors
-    (exact, no padding; one launch per sequence, and cu_seqlens are read on the host).
+    One launch of the fused kernels covers every sequence (docs/attention.md, "Varlen"); the
+    result, dropout bits included, equals scaled_dot_product_attention on the sequences padded
+    to (n, Hq, max_seqlen_q, *) with the padded keys masked out. The offsets are checked on the
+    host, reading cu_seqlens once (one device-to-host copy; under torch.compile the same checks
+    run as device-side asserts instead).
     """
     who = "fastlm.varlen_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 3:
             raise ValueError(f"{who}: {name} must be a 3-D tensor (total, heads, head dim), got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{who}: {name} must be floating point, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{who}: q, k and v must have one dtype, got {q.dtype}, {k.dtype} and "
+                        f"{v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{who}: q, k and v must be on one device, got {q.device}, {k.device} "
+                         f"and {v.device}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"{who}: k's head dim ({k.shape[2]}) must equal q's ({q.shape[2]})")
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if (not isinstance(t, Tensor) or t.dim() != 1 or t.numel() < 1
                 or t.dtype not in (torch.int32, torch.int64)):
@@ -450,26 +645,61 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"{who}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for name, c, total, mx in (("cu_seqlens_q", cq, q.shape[0], max_seqlen_q),
-                               ("cu_seqlens_k", ck, k.shape[0], max_seqlen_k)):
-        if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
-            raise ValueError(f"{who}: {name} must start at 0, be non-decreasing and end at "
-                             f"{total} (the packed length), got {c}")
-        if any(b - a > mx for a, b in zip(c, c[1:])):
-            raise ValueError(f"{who}: a sequence is longer than max_seqlen ({mx}) given for "
-                             f"{name}")
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"{who}: dropout_p must be in [0, 1], got {dropout_p}")
+    dev = q.device
+    # The offsets on q's device as int32, converted once; the kernels read them there.
+    cu_q = cu_seqlens_q.to(device=dev, dtype=torch.int32)
+    cu_k = cu_seqlens_k.to(device=dev, dtype=torch.int32)
+    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    _varlen_check_offsets(who, cu_q, cu_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"{who}: k and v must have the same total length, got {k.shape[0]} "
                          f"and {v.shape[0]}")
-    outs = []
-    for i in range(len(cq) - 1):
-        qi = q[cq[i]:cq[i + 1]].transpose(0, 1)
-        ki = k[ck[i]:ck[i + 1]].transpose(0, 1)
-        vi = v[ck[i]:ck[i + 1]].transpose(0, 1)
-        oi = scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal,
-                                          scale=scale, enable_gqa=enable_gqa)
-        outs.append(oi.transpose(0, 1))
-    if not outs:
-        return q.new_empty((0, q.shape[1], v.shape[2]))
-    return torch.cat(outs, 0)
+    hq, hk, hv = q.shape[1], k.shape[1], v.shape[1]
+    if enable_gqa:
+        if hk != hv or hk == 0 or hq % hk != 0:
+            raise ValueError(f"{who}: with enable_gqa=True the query heads ({hq}) must be a "
+                             f"multiple of the key heads ({hk}), and k and v must have the same "
+                             f"number of heads ({hv})")
+    elif not (hk == hv == hq or hk == hv == 1):
+        if hq == 1 and hk == hv:
+            q = q.expand(q.shape[0], hk, q.shape[2])
+        else:
+            raise ValueError(f"{who}: q, k and v heads (dim 1: {hq}, {hk}, {hv}) must match or "
+                             "broadcast (set enable_gqa=True for grouped-query attention)")
+    if torch.is_autocast_enabled(dev.type) and q.dtype != torch.float64:
+        dt = torch.get_autocast_dtype(dev.type)  # as scaled_dot_product_attention
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    # The kernels take any strides but a unit one on the head dim (as _canonical).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    E, Ev = q.shape[2], v.shape[2]
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if dev.type == "cuda" and backends.forced() == "cuda":
+        raise backends.BackendUnavailable(
+            f"{who}: the cuda backend has no varlen kernel; on CUDA tensors the triton backend "
+            "runs it (use_backend('triton'), or no override)")
+    name = backends.select(who, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_varlen_kernel,
+                           order=_VARLEN_ORDER.get(dev.type))
+    if name != "torch" and (E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM):
+        raise ValueError(f"{who}: head dims must be at most {MAX_HEAD_DIM} on the {name} "
+                         f"backend, got q/k {E} and v {Ev} (the torch backend has no limit)")
+    if q.numel() == 0 or k.shape[0] == 0 or Ev == 0:
+        name = "torch"
+    rng = _new_rng(dev) if dropout_p > 0.0 else None
+    args = (cu_q, cu_k, max_seqlen_q, max_seqlen_k, rng, dropout_p, bool(is_causal), scale)
+    if name == "torch":
+        out, _ = reference_varlen_attention_fwd(q, k, v, *args)
+    else:
+        if name == "triton":
+            triton_ops_ready()
+            op = torch.ops.fastlm.varlen_attention_fwd_triton
+        else:
+            op = torch.ops.fastlm.varlen_attention_fwd
+        out, _ = op(q, k, v, *args)
+    return out
+
+
+# Varlen on a GPU: the Triton kernels (no CUDA C++ varlen kernel exists), else the reference.
+_VARLEN_ORDER = {"cuda": ("triton", "torch")}
