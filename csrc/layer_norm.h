@@ -6,6 +6,8 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 
+#include <limits>
+
 namespace fastlm {
 
 // Rows longer than this are rejected (the kernels index a row with 32-bit offsets and the
@@ -127,6 +129,34 @@ inline bool aln_check_bwd(const at::Tensor& dy, const std::optional<at::Tensor>&
   return drop && input_grad;
 }
 
+// ------------------------------------------------------------------------------------------
+// Operands and outputs, shared by the CPU and CUDA ops: called after the checks above (on CUDA
+// under a guard for the input's device), so that every backend returns the same outputs for
+// the empty cases.
+
+inline bool has(const std::optional<at::Tensor>& p) { return p.has_value() && p->defined(); }
+
+inline const void* opt_ptr(const std::optional<at::Tensor>& p) {
+  return has(p) ? p->data_ptr() : nullptr;
+}
+
+inline std::optional<at::Tensor> contig(const std::optional<at::Tensor>& p) {
+  if (has(p)) return p->contiguous();
+  return std::nullopt;
+}
+
+// Whether the kernels read float32 parameters with a 16-bit input; weight and bias must then
+// have one dtype.
+inline bool params_f32(const at::Tensor& x, const std::optional<at::Tensor>& w,
+                       const std::optional<at::Tensor>& b) {
+  if (has(w) && has(b))
+    TORCH_CHECK(w->scalar_type() == b->scalar_type(),
+                "fastlm.layer_norm: weight and bias must have the same dtype, got ",
+                w->scalar_type(), " and ", b->scalar_type());
+  const at::Tensor* p = has(w) ? &*w : (has(b) ? &*b : nullptr);
+  return p && p->scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
+}
+
 // grad_weight / grad_bias: the parameter's shape and dtype when requested, else empty float32.
 inline at::Tensor ln_param_grad(const std::optional<at::Tensor>& p, bool wanted,
                                 const at::Tensor& x) {
@@ -134,8 +164,79 @@ inline at::Tensor ln_param_grad(const std::optional<at::Tensor>& p, bool wanted,
   return at::empty({0}, x.options().dtype(at::kFloat));
 }
 
-inline const void* opt_ptr(const std::optional<at::Tensor>& p) {
-  return (p.has_value() && p->defined()) ? p->data_ptr() : nullptr;
+// A forward's contiguous operands and its outputs: layer_norm's (y, mean, rstd), or with a
+// residual add_layer_norm's (y, summed, mean, rstd). `done`: M or N is 0 and the outputs are
+// final (mean and rstd NaN for N == 0, as torch's).
+struct LnFwd {
+  at::Tensor x, res;
+  std::optional<at::Tensor> w, b;
+  bool pf32 = false;
+  int64_t M = 0, N = 0;
+  at::Tensor y, summed, mean, rstd;
+  bool done = false;
+};
+
+inline LnFwd ln_fwd_prepare(const at::Tensor& input, const at::Tensor* residual,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias) {
+  LnFwd f;
+  f.pf32 = params_f32(input, weight, bias);
+  f.x = input.contiguous();
+  if (residual) f.res = residual->contiguous();
+  f.w = contig(weight);
+  f.b = contig(bias);
+  f.M = f.x.size(0);
+  f.N = f.x.size(1);
+  f.y = at::empty({f.M, f.N}, f.x.options());
+  if (residual) f.summed = at::empty({f.M, f.N}, f.x.options());
+  f.mean = at::empty({f.M}, f.x.options().dtype(at::kFloat));
+  f.rstd = at::empty({f.M}, f.x.options().dtype(at::kFloat));
+  f.done = f.M == 0 || f.N == 0;
+  if (f.M > 0 && f.N == 0) {
+    f.mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    f.rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  return f;
+}
+
+// A backward's contiguous operands and its outputs: layer_norm's (dx, dw, db), or with `add`
+// add_layer_norm's (grad_residual in dx, grad_input in din: (M, N) when want_din, else empty;
+// dw, db). `done`: M or N is 0 and the outputs are final (dw and db zero for M == 0).
+struct LnBwd {
+  at::Tensor dy, gs, x, mu, rs;
+  std::optional<at::Tensor> w;
+  bool pf32 = false;
+  int64_t M = 0, N = 0;
+  at::Tensor dx, din, dw, db;
+  bool done = false;
+};
+
+inline LnBwd ln_bwd_prepare(const at::Tensor& grad_out,
+                            const std::optional<at::Tensor>& grad_summed, const at::Tensor& input,
+                            const at::Tensor& mean, const at::Tensor& rstd,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, bool add, bool want_din,
+                            bool weight_grad, bool bias_grad) {
+  LnBwd g;
+  g.pf32 = params_f32(input, weight, bias);
+  g.x = input.contiguous();
+  g.dy = grad_out.contiguous();
+  if (has(grad_summed)) g.gs = grad_summed->contiguous();
+  g.mu = mean.contiguous();
+  g.rs = rstd.contiguous();
+  g.w = contig(weight);
+  g.M = g.x.size(0);
+  g.N = g.x.size(1);
+  g.dx = at::empty({g.M, g.N}, g.x.options());
+  if (add) g.din = want_din ? at::empty({g.M, g.N}, g.x.options()) : at::empty({0}, g.x.options());
+  g.dw = ln_param_grad(weight, weight_grad, g.x);
+  g.db = ln_param_grad(bias, bias_grad, g.x);
+  g.done = g.M == 0 || g.N == 0;
+  if (g.M == 0) {
+    if (g.dw.numel()) g.dw.zero_();
+    if (g.db.numel()) g.db.zero_();
+  }
+  return g;
 }
 
 }  // namespace fastlm

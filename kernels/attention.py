@@ -147,13 +147,36 @@ def _scores(
 
 
 @triton.jit
-def _varlen_seq(CuQ, CuK, b):
-    # Sequence b of a varlen launch: its first query and key rows (int64) and its lengths.
-    q0 = tl.load(CuQ + b)
-    k0 = tl.load(CuK + b)
-    L = tl.load(CuQ + b + 1) - q0
-    S = tl.load(CuK + b + 1) - k0
-    return q0.to(tl.int64), k0.to(tl.int64), L, S
+def _seq(
+    Q, K, V, DO,  # the kernel's q, k, v and grad_out (the forward passes Q for DO)
+    CuQ, CuK,  # varlen: the sequences' query and key row offsets
+    b,  # int64 batch index (varlen: the sequence)
+    stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_dob, stride_dom,
+    L, S,  # the launch's lengths (varlen: the longest sequence's)
+    VARLEN: tl.constexpr,
+):
+    # (Q_b, K_b, V_b, DO_b, q0, k0, L, S): batch b's q, k, v and grad_out. Varlen: sequence b's
+    # own rows of q, grad_out (from row q0) and of k, v (from row k0), both int64, and its own
+    # lengths; dense: q0 = k0 = 0 (unused) and the launch's lengths.
+    if VARLEN:
+        q0 = tl.load(CuQ + b)
+        k0 = tl.load(CuK + b)
+        L = tl.load(CuQ + b + 1) - q0
+        S = tl.load(CuK + b + 1) - k0
+        q0 = q0.to(tl.int64)
+        k0 = k0.to(tl.int64)
+        Q_b = Q + q0 * stride_qm
+        DO_b = DO + q0 * stride_dom
+        K_b = K + k0 * stride_kn
+        V_b = V + k0 * stride_vn
+    else:
+        q0 = 0
+        k0 = 0
+        Q_b = Q + b * stride_qb
+        DO_b = DO + b * stride_dob
+        K_b = K + b * stride_kb
+        V_b = V + b * stride_vb
+    return Q_b, K_b, V_b, DO_b, q0, k0, L, S
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,18 +274,11 @@ def _attn_fwd(
     hk = (h // group).to(tl.int64)
     h = h.to(tl.int64)
     m0 = pid_m * BLOCK_M
-    Q_b = Q + b * stride_qb
-    K_b = K + b * stride_kb
-    V_b = V + b * stride_vb
-    if VARLEN:
-        # Sequence b: its own rows of q (from q0) and of k, v (from k0), its own lengths; a
-        # block past the end of a shorter sequence has nothing to do.
-        q0, k0, L, S = _varlen_seq(CuQ, CuK, b)
-        if m0 >= L:
-            return
-        Q_b = Q + q0 * stride_qm
-        K_b = K + k0 * stride_kn
-        V_b = V + k0 * stride_vn
+    Q_b, K_b, V_b, _, q0, _, L, S = _seq(
+        Q, K, V, Q, CuQ, CuK, b, stride_qb, stride_qm, stride_kb, stride_kn, stride_vb,
+        stride_vn, stride_qb, stride_qm, L, S, VARLEN)
+    if VARLEN and m0 >= L:  # a block past the end of a shorter sequence has nothing to do
+        return
     key = (0, 0, 0)
     if DROPOUT:
         key = _philox_key(Rng)
@@ -489,18 +505,11 @@ def _attn_bwd_dkdv(
     hk = bhk % Hk
     b64 = b.to(tl.int64)
     n0 = pid_n * BLOCK_N
-    Q_b = Q + b64 * stride_qb
-    K_b = K + b64 * stride_kb
-    V_b = V + b64 * stride_vb
-    DO_b = DO + b64 * stride_dob
-    if VARLEN:
-        q0, k0, L, S = _varlen_seq(CuQ, CuK, b64)
-        if n0 >= S:
-            return
-        Q_b = Q + q0 * stride_qm
-        K_b = K + k0 * stride_kn
-        V_b = V + k0 * stride_vn
-        DO_b = DO + q0 * stride_dom
+    Q_b, K_b, V_b, DO_b, q0, k0, L, S = _seq(
+        Q, K, V, DO, CuQ, CuK, b64, stride_qb, stride_qm, stride_kb, stride_kn, stride_vb,
+        stride_vn, stride_dob, stride_dom, L, S, VARLEN)
+    if VARLEN and n0 >= S:
+        return
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -656,18 +665,11 @@ def _attn_bwd_dq(
     hk = (h // group).to(tl.int64)
     h = h.to(tl.int64)
     m0 = pid_m * BLOCK_M
-    Q_b = Q + b * stride_qb
-    DO_b = DO + b * stride_dob
-    K_b = K + b * stride_kb
-    V_b = V + b * stride_vb
-    if VARLEN:
-        q0, k0, L, S = _varlen_seq(CuQ, CuK, b)
-        if m0 >= L:
-            return
-        Q_b = Q + q0 * stride_qm
-        DO_b = DO + q0 * stride_dom
-        K_b = K + k0 * stride_kn
-        V_b = V + k0 * stride_vn
+    Q_b, K_b, V_b, DO_b, q0, _, L, S = _seq(
+        Q, K, V, DO, CuQ, CuK, b, stride_qb, stride_qm, stride_kb, stride_kn, stride_vb,
+        stride_vn, stride_dob, stride_dom, L, S, VARLEN)
+    if VARLEN and m0 >= L:
+        return
     key = (0, 0, 0)
     if DROPOUT:
         key = _philox_key(Rng)
@@ -766,14 +768,23 @@ _CONFIGS_F32 = {
            128: ((32, 16, 8, 2),) * 3,
            256: ((16, 16, 8, 1), (16, 16, 8, 2), (16, 16, 8, 2))},
 }
+# Varlen launches where _CONFIGS_F32's tile spills: their kernels hold the sequence's start
+# rows and lengths in registers (dense: kernel arguments). dk/dv at D = 64 spilled 8-16 bytes
+# plain or causal and 36-44 with dropout on (16, 32, 4 or 8 warps); this tile spills in none of
+# plain, causal, dropout, causal + dropout (ptxas -v, sm_90a, ptxas 12.9 and 13.0).
+_CONFIGS_F32_VARLEN = {
+    "dkdv": {64: ((32, 32, 4, 2),) * 3},
+}
 
 
-def _config(kind, dtype, e, ev, arch, extras):
+def _config(kind, dtype, e, ev, arch, extras, varlen=False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel `kind` ("fwd", "dkdv", "dq") for
     inputs of `dtype`, head dims e, ev, on compute capability `arch` (e.g. 90); `extras` is
-    how many of (mask, dropout) are applied."""
+    how many of (mask, dropout) are applied; `varlen`: a varlen launch."""
     d = max(64, _pad(e), _pad(ev))
     if dtype == torch.float32:
+        if varlen and d in _CONFIGS_F32_VARLEN.get(kind, {}):
+            return _CONFIGS_F32_VARLEN[kind][d][extras]
         return _CONFIGS_F32[kind][d][extras]
     return _CONFIGS[90 if arch >= 90 else 80][kind][d][extras]
 
@@ -802,7 +813,8 @@ def _fit(block, n):
 
 def _meta(kind, dtype, e, ev, m_len, n_len, mask_kind, causal, dropout, arch, varlen=False):
     """Meta-parameters of one launch: m_len rows along BLOCK_M, n_len along BLOCK_N."""
-    bm, bn, warps, stages = _config(kind, dtype, e, ev, arch, int(mask_kind != 0) + int(dropout))
+    bm, bn, warps, stages = _config(kind, dtype, e, ev, arch, int(mask_kind != 0) + int(dropout),
+                                    varlen)
     return dict(HEAD_E=e, HEAD_EV=ev, BLOCK_M=_fit(bm, m_len), BLOCK_N=_fit(bn, n_len),
                 BLOCK_E=_pad(e), BLOCK_EV=_pad(ev), MASK=mask_kind, IS_CAUSAL=causal,
                 DROPOUT=dropout, IEEE=_dot_mode(dtype), VARLEN=varlen, num_warps=warps,

@@ -87,6 +87,15 @@ def kernel_backend_device(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A small text file (some non-ASCII bytes too) for `fastlm train --data`."""
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(120))
+    path.write_bytes(text.encode() + "héllo wörld\n".encode())
+    return str(path)
+
+
 @pytest.fixture
 def restore_env():
     """Restores FASTLM_BACKEND and fastlm's reading of it after a test that changes them."""
@@ -222,3 +231,28 @@ def compare_with_oracle(backend, x, ns, weight=None, bias=None, eps=1e-5, view=N
         floor = FLOOR[g_t.dtype] if name == "dx" else param_floor(g_t.dtype, rows)
         check(g, g_o, g_t, floor, name)
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library.opcheck of an op pair.
+# The fake-tensor and AOT-dispatch checks run the op on FakeTensors. Under TRITON_INTERPRET=1,
+# torch.library.wrap_triton returns the interpreted kernel itself (not a traceable wrapper), so
+# the kernel launches on FakeTensors and the interpreter fails copying them to the host.
+INTERPRETER_SAFE_CHECKS = ("test_schema", "test_autograd_registration")
+
+
+def opcheck_pair(fwd, bwd, device, fwd_samples, bwd_samples, every=1, triton=False):
+    """opcheck of the forward op on every `every`-th of fwd_samples(device), then of the backward
+    op on bwd_samples(device, fwd) likewise. triton=True: the ops are Triton ops, which run on
+    CPU tensors only through the interpreter (skipped where a GPU is), and there only the
+    INTERPRETER_SAFE_CHECKS apply."""
+    kw = {}
+    if triton:
+        if device == "cpu" and GPU:
+            pytest.skip("Triton on CPU tensors needs the interpreter, which is off where a GPU is")
+        if device == "cpu":
+            kw = {"test_utils": INTERPRETER_SAFE_CHECKS}
+    for args in fwd_samples(device)[::every]:
+        torch.library.opcheck(fwd.default, args, **kw)
+    for args in bwd_samples(device, fwd)[::every]:
+        torch.library.opcheck(bwd.default, args, **kw)

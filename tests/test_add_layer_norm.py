@@ -19,6 +19,7 @@ from conftest import (
     assert_close_2x_interpreter,
     interpreted,
     make_params,
+    opcheck_pair,
     param_floor,
     randn,
 )
@@ -381,28 +382,17 @@ def _bwd_samples(device, fwd):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_opcheck_cpp_ops(device):
-    fwd = torch.ops.fastlm.add_layer_norm_fwd
-    for args in _fwd_samples(device):
-        torch.library.opcheck(fwd.default, args)
-    for args in _bwd_samples(device, fwd):
-        torch.library.opcheck(torch.ops.fastlm.add_layer_norm_bwd.default, args)
-
-
-INTERPRETER_SAFE_CHECKS = ("test_schema", "test_autograd_registration")
+    opcheck_pair(torch.ops.fastlm.add_layer_norm_fwd, torch.ops.fastlm.add_layer_norm_bwd,
+                 device, _fwd_samples, _bwd_samples)
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_opcheck_triton_ops(device):
-    if device == "cpu" and GPU:
-        pytest.skip("Triton on CPU tensors needs the interpreter, which is off where a GPU is")
     assert triton_ops_ready()
-    kw = {"test_utils": INTERPRETER_SAFE_CHECKS} if device == "cpu" else {}
-    fwd = torch.ops.fastlm.add_layer_norm_fwd_triton
-    for args in _fwd_samples(device)[::4]:
-        torch.library.opcheck(fwd.default, args, **kw)
-    for args in _bwd_samples(device, fwd)[::4]:
-        torch.library.opcheck(torch.ops.fastlm.add_layer_norm_bwd_triton.default, args, **kw)
+    opcheck_pair(torch.ops.fastlm.add_layer_norm_fwd_triton,
+                 torch.ops.fastlm.add_layer_norm_bwd_triton, device, _fwd_samples, _bwd_samples,
+                 every=4, triton=True)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastlm
 from conftest import (DTYPES, FAST_PAIRS, FLOOR, GPU, KERNEL_PAIRS, PAIRS, _bf16_ulp, _check_2x,
-                      interpreted, randn)
+                      interpreted, opcheck_pair, randn)
 from fastlm.backends import BackendUnavailable
 from fastlm.ops import attention
 from fastlm.ops.attention import (MAX_HEAD_DIM, dropout_keep, dropout_scale, dropout_threshold,
@@ -695,12 +695,18 @@ def test_deterministic(backend, device, dtype, dropout_p):
 def test_cpu_bitwise_across_thread_counts(dtype):
     need("cpu", "cpu")
     q, k, v, dout = _det_inputs("cpu", "cpu", dtype)
+    assert_thread_count_invariant(lambda: _det_run("cpu", q, k, v, dout, 0.1))
+
+
+def assert_thread_count_invariant(run):
+    """run() -> (out, dq, dk, dv) gives the same bits with 1, 2 and 3 threads
+    (test_attention_varlen.py too)."""
     threads = torch.get_num_threads()
     try:
         results = []
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            results.append(_det_run("cpu", q, k, v, dout, 0.1))
+            results.append(run())
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -731,51 +737,40 @@ def _fwd_samples(device):
     return out
 
 
-def _bwd_samples(device, fwd):
-    out = []
-    for args in _fwd_samples(device):
-        q, k, v = args[:3]
-        if q.requires_grad:
-            continue  # the backward op's inputs do not require grad in the autograd function
-        o, lse = fwd(*args)
-        dout = randn(o.shape, o.dtype, device, seed=8)
-        out.append((dout, q, k, v, o, lse, *args[3:]))
-    return out
+def bwd_samples_of(fwd_samples):
+    """opcheck_pair's bwd_samples for an attention op pair (test_attention_varlen.py too): the
+    backward op's (grad_out, q, k, v, out, lse, *rest) for each sample (q, k, v, *rest) of
+    fwd_samples(device) whose inputs do not require grad (the backward op's inputs never do in
+    the autograd function)."""
+    def bwd_samples(device, fwd):
+        out = []
+        for args in fwd_samples(device):
+            q, k, v = args[:3]
+            if q.requires_grad:
+                continue
+            o, lse = fwd(*args)
+            dout = randn(o.shape, o.dtype, device, seed=8)
+            out.append((dout, q, k, v, o, lse, *args[3:]))
+        return out
+
+    return bwd_samples
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 def test_opcheck_cpp_ops(device):
     need(device, device)
-    for args in _fwd_samples(device):
-        torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, args)
-    for args in _bwd_samples(device, torch.ops.fastlm.attention_fwd):
-        torch.library.opcheck(torch.ops.fastlm.attention_bwd.default, args)
-
-
-# Under TRITON_INTERPRET=1, torch.library.wrap_triton returns the interpreted kernel itself, which
-# then runs on FakeTensors (see test_layer_norm.py): the fake-tensor and AOT checks run on GPUs.
-INTERPRETER_SAFE_CHECKS = ("test_schema", "test_autograd_registration")
+    opcheck_pair(torch.ops.fastlm.attention_fwd, torch.ops.fastlm.attention_bwd, device,
+                 _fwd_samples, bwd_samples_of(_fwd_samples))
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 def test_opcheck_triton_ops(device):
-    if device == "cpu" and GPU:
-        pytest.skip("Triton on CPU tensors needs the interpreter, which is off where a GPU is")
     need("triton", device)
     assert attention.triton_ops_ready()
-    kw = {"test_utils": INTERPRETER_SAFE_CHECKS} if device == "cpu" else {}
-    fwd = torch.ops.fastlm.attention_fwd_triton
-    samples = _fwd_samples(device)
-    if device == "cpu":
-        samples = samples[::3]
-    for args in samples:
-        torch.library.opcheck(fwd.default, args, **kw)
-    bsamples = _bwd_samples(device, fwd)
-    if device == "cpu":
-        bsamples = bsamples[::3]
-    for args in bsamples:
-        torch.library.opcheck(torch.ops.fastlm.attention_bwd_triton.default, args, **kw)
+    opcheck_pair(torch.ops.fastlm.attention_fwd_triton, torch.ops.fastlm.attention_bwd_triton,
+                 device, _fwd_samples, bwd_samples_of(_fwd_samples),
+                 every=3 if device == "cpu" else 1, triton=True)
 
 
 @pytest.mark.triton

@@ -11,8 +11,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, FLOOR, GPU, KERNEL_PAIRS, PAIRS, interpreted, randn
-from test_attention import CUDA_PARAM, _dt, _fwd_bwd, _grad_leaves, check_all, need
+from conftest import DTYPES, FLOOR, KERNEL_PAIRS, PAIRS, interpreted, opcheck_pair, randn
+from test_attention import (
+    CUDA_PARAM,
+    _dt,
+    _fwd_bwd,
+    _grad_leaves,
+    assert_thread_count_invariant,
+    bwd_samples_of,
+    check_all,
+    need,
+)
 
 import fastlm
 from fastlm.ops import attention
@@ -72,6 +81,14 @@ def _per_sequence(fn, cfg):
     return run
 
 
+def _check_grads(backend, device, cfg, floor, got, ora, low):
+    """check_all on (out, dq, dk, dv) against the float64 oracle and the low-precision
+    computation; dk and dv sum over the GQA group, so their floor grows by its sqrt."""
+    g = math.sqrt(cfg["hq"] // cfg["hk"])
+    floors = (floor, floor, floor * g, floor * g)
+    check_all(backend, device, list(zip(("out", "dq", "dk", "dv"), got, ora, low, floors)))
+
+
 def _pairs(names):
     return [p for p in PAIRS if p.values[0] in names]
 
@@ -119,11 +136,7 @@ def test_varlen_matches_per_sequence_oracle(backend, device, name, dtype, heads)
     per_seq = _per_sequence(F.scaled_dot_product_attention, cfg)
     low, g_low = _fwd_bwd(per_seq, _grad_leaves((q, k, v)), _ident(), dout)
     ora, g_ora = _fwd_bwd(per_seq, _grad_leaves((q, k, v), torch.float64), _ident(), dout)
-    f = FLOOR[dtype]
-    g = math.sqrt(cfg["hq"] // cfg["hk"])
-    check_all(backend, device, [("out", got, ora, low, f), ("dq", g_got[0], g_ora[0], g_low[0], f),
-                                ("dk", g_got[1], g_ora[1], g_low[1], f * g),
-                                ("dv", g_got[2], g_ora[2], g_low[2], f * g)])
+    _check_grads(backend, device, cfg, FLOOR[dtype], (got, *g_got), (ora, *g_ora), (low, *g_low))
     # A query sequence with no keys gives zeros; keys of an empty query sequence get no grads.
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for i, (a, b) in enumerate(zip(cfg["lq"], cfg["lk"])):
@@ -253,11 +266,7 @@ def test_varlen_dropout_is_the_padded_problems(backend, device, name, p, dtype):
     math_fn = _padded_math(cfg, keep, p, 1 / math.sqrt(q.shape[-1]))
     low, g_low = _fwd_bwd(math_fn, _grad_leaves((q, k, v)), _ident(), dout)
     ora, g_ora = _fwd_bwd(math_fn, _grad_leaves((q, k, v), torch.float64), _ident(), dout)
-    f = FLOOR[dtype]
-    g = math.sqrt(cfg["hq"] // cfg["hk"])
-    check_all(backend, device, [("out", got, ora, low, f), ("dq", g_got[0], g_ora[0], g_low[0], f),
-                                ("dk", g_got[1], g_ora[1], g_low[1], f * g),
-                                ("dv", g_got[2], g_ora[2], g_low[2], f * g)])
+    _check_grads(backend, device, cfg, FLOOR[dtype], (got, *g_got), (ora, *g_ora), (low, *g_low))
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -376,17 +385,7 @@ def test_varlen_deterministic(backend, device, dtype, p):
 def test_varlen_cpu_bitwise_across_thread_counts(dtype):
     need("cpu", "cpu")
     cfg, *inputs = _det_inputs("cpu", "cpu", dtype)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            results.append(_det_run("cpu", cfg, *inputs, 0.1))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], other):
-            assert torch.equal(a, b), f"{name} depends on the thread count"
+    assert_thread_count_invariant(lambda: _det_run("cpu", cfg, *inputs, 0.1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,51 +468,34 @@ def _fwd_samples(device):
     return out
 
 
-def _bwd_samples(device, fwd):
-    out = []
-    for args in _fwd_samples(device):
-        q, k, v = args[:3]
-        if q.requires_grad:
-            continue
-        o, lse = fwd(*args)
-        dout = randn(o.shape, o.dtype, device, seed=8)
-        out.append((dout, q, k, v, o, lse, *args[3:]))
-    return out
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skip(
     reason="no CUDA C++ varlen kernel: on CUDA tensors varlen runs on the Triton kernels"))])
 def test_varlen_opcheck_cpp_ops(device):
     need(device, device)
-    for args in _fwd_samples(device):
-        torch.library.opcheck(torch.ops.fastlm.varlen_attention_fwd.default, args)
-    for args in _bwd_samples(device, torch.ops.fastlm.varlen_attention_fwd):
-        torch.library.opcheck(torch.ops.fastlm.varlen_attention_bwd.default, args)
+    opcheck_pair(torch.ops.fastlm.varlen_attention_fwd, torch.ops.fastlm.varlen_attention_bwd,
+                 device, _fwd_samples, bwd_samples_of(_fwd_samples))
 
 
-# Under TRITON_INTERPRET=1 wrap_triton returns the interpreted kernel, which then runs on
-# FakeTensors (test_attention.py): the fake-tensor and AOT checks run on GPUs.
-INTERPRETER_SAFE_CHECKS = ("test_schema", "test_autograd_registration")
+# The interpreter (slow) runs a few: GQA with dropout, float16 dropout requiring grad; the
+# backward of float16 dropout and of GQA with dropout.
+def _interpreter_fwd_samples(device):
+    return _fwd_samples(device)[3:6:2]
+
+
+def _interpreter_bwd_samples(device, fwd):
+    return bwd_samples_of(_fwd_samples)(device, fwd)[1::2]
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 def test_varlen_opcheck_triton_ops(device):
-    if device == "cpu" and GPU:
-        pytest.skip("Triton on CPU tensors needs the interpreter, which is off where a GPU is")
     need("triton", device)
     fwd, bwd = _varlen_ops("triton")
-    kw = {"test_utils": INTERPRETER_SAFE_CHECKS} if device == "cpu" else {}
-    samples = _fwd_samples(device)
     if device == "cpu":
-        samples = samples[3:6:2]  # GQA with dropout, float16 dropout requiring grad
-    for args in samples:
-        torch.library.opcheck(fwd.default, args, **kw)
-    bsamples = _bwd_samples(device, fwd)
-    if device == "cpu":
-        bsamples = bsamples[1::2]  # float16 dropout, GQA with dropout
-    for args in bsamples:
-        torch.library.opcheck(bwd.default, args, **kw)
+        opcheck_pair(fwd, bwd, device, _interpreter_fwd_samples, _interpreter_bwd_samples,
+                     triton=True)
+    else:
+        opcheck_pair(fwd, bwd, device, _fwd_samples, bwd_samples_of(_fwd_samples), triton=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,11 +577,7 @@ def test_varlen_autocast(backend, device):
     leaves64 = [t.to(amp).double().requires_grad_() for t in (q, k, v)]
     ora, g_ora = _fwd_bwd(per_seq, leaves64, _ident(), dout)
     assert got.dtype == want.dtype == amp
-    f = FLOOR[amp]
-    g = math.sqrt(cfg["hq"] // cfg["hk"])  # dk, dv sum over the GQA group
-    check_all(backend, device, [("out", got, ora, want, f), ("dq", g_got[0], g_ora[0], g_want[0], f),
-                                ("dk", g_got[1], g_ora[1], g_want[1], f * g),
-                                ("dv", g_got[2], g_ora[2], g_want[2], f * g)])
+    _check_grads(backend, device, cfg, FLOOR[amp], (got, *g_got), (ora, *g_ora), (want, *g_want))
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)

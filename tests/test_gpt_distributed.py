@@ -57,12 +57,12 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
+from trainutil import ROOT, assert_same_training_state, load_checkpoint, run_workers, worker_env
 
 import fastlm
 from fastlm import cli, train
 from fastlm.models import GPT, GPTConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 STEPS = 4
 WORKER_TIMEOUT = 120  # generous: the two workers share the CPU cores with each other and more
@@ -200,35 +200,11 @@ def _worker(rank, store, out):
     dist.destroy_process_group()
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     """Both ranks' {mode: result}."""
-    tmp = tmp_path_factory.mktemp("workers")
-    store = tmp / "store"
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(store), str(tmp)],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=WORKER_TIMEOUT)
-            logs.append(out.decode(errors="replace")[-3000:])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
-        pytest.fail(f"the workers did not finish in {WORKER_TIMEOUT} s")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{logs[r]}"
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_workers(__file__, [], tmp_path_factory.mktemp("workers"), WORLD, WORKER_TIMEOUT,
+                       "the model-level")
 
 
 def mode_results(workers, mode):
@@ -293,20 +269,12 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16
 CLI_STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(120))
-    path.write_bytes(text.encode() + "héllo wörld\n".encode())
-    return str(path)
-
-
 def torchrun(*args, interrupt_at=None, nproc=WORLD):
     """`fastlm train ARGS` under torchrun: (exit status, output). With interrupt_at=(log path,
     step), SIGINT (Ctrl-C) goes to torchrun once the log has reached that step."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(nproc), "-m", "fastlm", "train", *args]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=worker_env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         if interrupt_at is not None:
@@ -343,23 +311,9 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-def _load(out_dir):
-    return torch.load(os.path.join(out_dir, train.CHECKPOINT), weights_only=False)
-
-
 def assert_same_checkpoint(a, b):
     """Bit for bit: model, optimizer, step and every random state."""
-    assert a["step"] == b["step"]
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        assert sa[i].keys() == sb[i].keys()
-        for k in sa[i]:
-            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
-    assert torch.equal(a["rng"]["batches"], b["rng"]["batches"])
+    assert_same_training_state(a, b)
     assert len(a["rng"]["ranks"]) == len(b["rng"]["ranks"]) == WORLD
     for ra, rb in zip(a["rng"]["ranks"], b["rng"]["ranks"]):
         assert torch.equal(ra["torch"], rb["torch"])
@@ -387,7 +341,7 @@ def single(tmp_path_factory, data_file):
     log = read_log(out_dir)
     assert [r["step"] for r in log] == list(range(1, CLI_STEPS + 1))
     assert [r["step"] for r in log if "val_loss" in r] == [3, 6]
-    return log, _load(out_dir)
+    return log, load_checkpoint(out_dir)
 
 
 def check_straight_run(out, out_dir, single, what):
@@ -398,7 +352,7 @@ def check_straight_run(out, out_dir, single, what):
     assert out.count("--- sample (16 bytes) ---") == 1
     log = read_log(out_dir)
     assert_same_losses(log, single[0], rtol=2e-5)
-    ckpt = _load(out_dir)
+    ckpt = load_checkpoint(out_dir)
     assert ckpt["world_size"] == WORLD and ckpt["step"] == CLI_STEPS
     # full tensors, the optimizer state by index: the single-process format
     assert ckpt["model"].keys() == single[1]["model"].keys()
@@ -433,10 +387,10 @@ def test_torchrun_fsdp2_matches_single_process_and_resumes_exactly(tmp_path, dat
     resumed = str(tmp_path / "resumed")
     code, out = torchrun(*args, "--stop-after", "4", "--out", resumed)
     assert code == 0 and "stopped at step 4/6 (--stop-after 4)" in out, out
-    assert _load(resumed)["step"] == 4 and len(read_log(resumed)) == 4
+    assert load_checkpoint(resumed)["step"] == 4 and len(read_log(resumed)) == 4
     code, out = torchrun(*args, "--out", resumed, "--resume")
     assert code == 0 and "at step 4" in out and "start afresh" not in out, out
-    assert_same_checkpoint(_load(resumed), _load(straight))
+    assert_same_checkpoint(load_checkpoint(resumed), load_checkpoint(straight))
     assert_same_losses(read_log(resumed), log, rtol=0)
 
 
@@ -461,11 +415,11 @@ def test_torchrun_ctrl_c_saves_and_resumes_exactly(tmp_path, data_file):
     step = int(m.group(1))
     assert 3 <= step < CTRL_C_STEPS, "the run ended before the Ctrl-C reached it"
     assert "exited with" not in out and "Traceback" not in out.split("stopped at step")[0]
-    assert _load(stopped)["step"] == step and len(read_log(stopped)) == step
+    assert load_checkpoint(stopped)["step"] == step and len(read_log(stopped)) == step
     code, out = torchrun(*args, "--out", stopped, "--resume")
     assert code == 0 and f"at step {step}" in out and "start afresh" not in out, out
-    ckpt = _load(stopped)
-    assert_same_checkpoint(ckpt, _load(straight))
+    ckpt = load_checkpoint(stopped)
+    assert_same_checkpoint(ckpt, load_checkpoint(straight))
     assert not torch.equal(ckpt["rng"]["ranks"][0]["torch"], ckpt["rng"]["ranks"][1]["torch"])
     assert_same_losses(read_log(stopped), read_log(straight), rtol=0)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import fastlm
 from conftest import (DTYPE_PAIRS, DTYPES, FAST_PAIRS, GPU, KERNEL_PAIRS, PAIRS,
-                      compare_with_oracle, interpreted, make_params, randn)
+                      compare_with_oracle, interpreted, make_params, opcheck_pair, randn)
 from fastlm.backends import BackendUnavailable
 from fastlm.ops.layer_norm import MAX_N, reference, triton_ops_ready
 
@@ -373,32 +373,16 @@ def _bwd_samples(device, fwd):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_opcheck_cpp_ops(device):
-    fwd = torch.ops.fastlm.layer_norm_fwd
-    for args in _fwd_samples(device):
-        torch.library.opcheck(fwd.default, args)
-    for args in _bwd_samples(device, fwd):
-        torch.library.opcheck(torch.ops.fastlm.layer_norm_bwd.default, args)
-
-
-# The fake-tensor and AOT-dispatch checks run the op on FakeTensors. Under TRITON_INTERPRET=1,
-# torch.library.wrap_triton returns the interpreted kernel itself (not a traceable wrapper), so
-# the kernel launches on FakeTensors and the interpreter fails copying them to the host.
-INTERPRETER_SAFE_CHECKS = ("test_schema", "test_autograd_registration")
+    opcheck_pair(torch.ops.fastlm.layer_norm_fwd, torch.ops.fastlm.layer_norm_bwd, device,
+                 _fwd_samples, _bwd_samples)
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_opcheck_triton_ops(device):
-    if device == "cpu" and GPU:
-        pytest.skip("Triton on CPU tensors needs the interpreter, which is off where a GPU is")
     assert triton_ops_ready()
-    checks = INTERPRETER_SAFE_CHECKS if device == "cpu" else None
-    kw = {} if checks is None else {"test_utils": checks}
-    fwd = torch.ops.fastlm.layer_norm_fwd_triton
-    for args in _fwd_samples(device)[::3]:
-        torch.library.opcheck(fwd.default, args, **kw)
-    for args in _bwd_samples(device, fwd)[::3]:
-        torch.library.opcheck(torch.ops.fastlm.layer_norm_bwd_triton.default, args, **kw)
+    opcheck_pair(torch.ops.fastlm.layer_norm_fwd_triton, torch.ops.fastlm.layer_norm_bwd_triton,
+                 device, _fwd_samples, _bwd_samples, every=3, triton=True)
 
 
 @pytest.mark.triton

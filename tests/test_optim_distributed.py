@@ -20,12 +20,12 @@ tolerance; norms are compared with rtol=1e-5.
 
 import io
 import os
-import subprocess
 import sys
 from datetime import timedelta
 
 import pytest
 import torch
+import trainutil
 
 import fastlm
 
@@ -248,26 +248,7 @@ def dtensor_reference(dtype=torch.float32):
 
 
 def run_workers(mode, tmp_path):
-    store = tmp_path / "store"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(r), str(store), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=WORKER_TIMEOUT)
-            logs.append(out.decode(errors="replace")[-3000:])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
-        pytest.fail(f"{mode} workers did not finish in {WORKER_TIMEOUT} s")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"{mode} rank {r} exited with {p.returncode}:\n{logs[r]}"
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return trainutil.run_workers(__file__, [mode], tmp_path, WORLD, WORKER_TIMEOUT, mode)
 
 
 def check_against_single_process(results, clip):

@@ -4,12 +4,12 @@ for bit (N steps straight == K steps, then --resume for the rest, also after Ctr
 
 import contextlib
 import io
-import os
 import re
 import signal
 
 import pytest
 import torch
+from trainutil import assert_same_training_state, load_checkpoint
 
 from fastlm import cli, train
 
@@ -20,36 +20,15 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(120))
-    path.write_bytes(text.encode() + "héllo wörld\n".encode())
-    return str(path)
-
-
 def _train(capsys, *args, on_step=None):
     parsed = cli.build_parser().parse_args(["train", *args])
     code = train.run(parsed, on_step=on_step)
     return code, capsys.readouterr().out
 
 
-def _load(out_dir):
-    return torch.load(os.path.join(out_dir, train.CHECKPOINT), weights_only=False)
-
-
 def _assert_same_state(a, b):
-    assert a["step"] == b["step"]
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in sa[i]:
-            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    assert_same_training_state(a, b)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-    assert torch.equal(a["rng"]["batches"], b["rng"]["batches"])
 
 
 def _sample(out):
@@ -65,7 +44,7 @@ def straight(tmp_path_factory, data_file):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert train.run(parsed) == 0
-    return _load(out_dir), buf.getvalue()
+    return load_checkpoint(out_dir), buf.getvalue()
 
 
 def test_train_runs_evaluates_and_samples(straight):
@@ -87,11 +66,11 @@ def test_resume_continues_exactly(tmp_path, capsys, data_file, straight):
     code, out = _train(capsys, "--data", data_file, "--steps", str(STEPS), "--stop-after", "4",
                        "--out", out_dir, *TINY)
     assert code == 0 and "stopped at step 4/6 (--stop-after 4); continue with --resume" in out
-    assert _load(out_dir)["step"] == 4
+    assert load_checkpoint(out_dir)["step"] == 4
     code, out = _train(capsys, "--data", data_file, "--steps", str(STEPS), "--out", out_dir,
                        "--resume", *TINY)
     assert code == 0 and "at step 4" in out
-    _assert_same_state(_load(out_dir), straight[0])
+    _assert_same_state(load_checkpoint(out_dir), straight[0])
     assert _sample(out) == _sample(straight[1])  # same weights and random state at the end
 
 
@@ -108,11 +87,11 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, capsys, data_file, 
     assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
     assert code == 130
     assert "stopped at step 2/6: checkpoint saved to" in out and "--- sample" not in out
-    assert _load(out_dir)["step"] == 2
+    assert load_checkpoint(out_dir)["step"] == 2
     code, out = _train(capsys, "--data", data_file, "--steps", str(STEPS), "--out", out_dir,
                        "--resume", *TINY)
     assert code == 0
-    _assert_same_state(_load(out_dir), straight[0])
+    _assert_same_state(load_checkpoint(out_dir), straight[0])
 
 
 def test_compare_torch(capsys, data_file):

@@ -1060,31 +1060,71 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return P;
 }
 
+// Calls f(T{}) for the kernels' element type T of dtype t.
+template <typename F>
+void dispatch_dtype(const char* who, at::ScalarType t, const F& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, who, ": unsupported dtype ", t);
+  }
+}
+
+// (batch, head, row) element strides of a (B, H, len, dim) tensor, or of a packed varlen
+// (total, H, dim) one seen as (1, H, total, dim) with batch stride 0 (Problem).
+void row_strides(const at::Tensor& t, bool packed, int64_t s[3]) {
+  s[0] = packed ? 0 : t.stride(0);
+  s[1] = t.stride(1);
+  s[2] = t.stride(packed ? 0 : 2);
+}
+
+// The forward on P into out (q's dtype) and lse, dense or varlen (P's output strides).
+std::tuple<at::Tensor, at::Tensor> run_fwd(const char* who, const Problem& P, at::Tensor out,
+                                           at::Tensor lse) {
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  dispatch_dtype(who, out.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    attn_fwd<T>(P, out.mutable_data_ptr<T>(), lse.mutable_data_ptr<float>());
+  });
+  return {out, lse};
+}
+
+// The backward on P: (grad_q, grad_k, grad_v) shaped as q, k, v, dense (4-D operands) or
+// varlen (packed 3-D operands).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(
+    const char* who, const Problem& P, const at::Tensor& grad_out, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+  const at::Tensor dO = grad_out.stride(-1) == 1 ? grad_out : grad_out.contiguous();
+  const at::Tensor O = out.stride(-1) == 1 ? out : out.contiguous();
+  const at::Tensor ls = lse.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
+  int64_t sdo[3], so[3];
+  row_strides(dO, P.cu_q != nullptr, sdo);
+  row_strides(O, P.cu_q != nullptr, so);
+  dispatch_dtype(who, q.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    attn_bwd<T>(P, dO.const_data_ptr<T>(), sdo, O.const_data_ptr<T>(), so,
+                ls.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>(),
+                dv.mutable_data_ptr<T>());
+  });
+  return {dq, dk, dv};
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v,
                                                      const std::optional<at::Tensor>& mask,
                                                      const std::optional<at::Tensor>& rng,
                                                      double dropout_p, bool is_causal,
                                                      double scale) {
-  attn_check_fwd("fastlm.attention_fwd", q, k, v, mask, rng, dropout_p, is_causal);
+  const char* who = "fastlm.attention_fwd";
+  attn_check_fwd(who, q, k, v, mask, rng, dropout_p, is_causal);
   const Problem P = make_problem(q, k, v, mask, rng, dropout_p, is_causal, scale);
-  at::Tensor out = at::empty({P.B, P.Hq, P.L, P.Ev}, q.options());
-  at::Tensor lse = at::empty({P.B, P.Hq, P.L}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      attn_fwd<float>(P, out.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
-      break;
-    case at::kHalf:
-      attn_fwd<c10::Half>(P, out.mutable_data_ptr<c10::Half>(), lse.mutable_data_ptr<float>());
-      break;
-    case at::kBFloat16:
-      attn_fwd<c10::BFloat16>(P, out.mutable_data_ptr<c10::BFloat16>(),
-                              lse.mutable_data_ptr<float>());
-      break;
-    default: TORCH_CHECK(false, "fastlm.attention_fwd: unsupported dtype ", q.scalar_type());
-  }
-  return {out, lse};
+  return run_fwd(who, P, at::empty({P.B, P.Hq, P.L, P.Ev}, q.options()),
+                 at::empty({P.B, P.Hq, P.L}, q.options().dtype(at::kFloat)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
@@ -1094,27 +1134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const char* who = "fastlm.attention_bwd";
   attn_check_bwd(who, grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal);
   const Problem P = make_problem(q, k, v, mask, rng, dropout_p, is_causal, scale);
-  const at::Tensor dO = grad_out.stride(3) == 1 ? grad_out : grad_out.contiguous();
-  const at::Tensor O = out.stride(3) == 1 ? out : out.contiguous();
-  const at::Tensor ls = lse.contiguous();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
-  const int64_t sdo[3] = {dO.stride(0), dO.stride(1), dO.stride(2)};
-  const int64_t so[3] = {O.stride(0), O.stride(1), O.stride(2)};
-#define FASTLM_ATTN_BWD(T)                                                                     \
-  attn_bwd<T>(P, dO.const_data_ptr<T>(), sdo, O.const_data_ptr<T>(), so,                       \
-              ls.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>(),  \
-              dv.mutable_data_ptr<T>())
-  switch (q.scalar_type()) {
-    case at::kFloat: FASTLM_ATTN_BWD(float); break;
-    case at::kHalf: FASTLM_ATTN_BWD(c10::Half); break;
-    case at::kBFloat16: FASTLM_ATTN_BWD(c10::BFloat16); break;
-    default: TORCH_CHECK(false, who, ": unsupported dtype ", q.scalar_type());
-  }
-#undef FASTLM_ATTN_BWD
-  return {dq, dk, dv};
+  return run_bwd(who, P, grad_out, q, k, v, out, lse);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1210,23 +1230,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
   const Varlen V = make_varlen(who, q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p,
                                is_causal, scale);
   const Problem& P = V.P;
-  at::Tensor out = at::empty({q.size(0), P.Hq, P.Ev}, q.options());
-  at::Tensor lse = at::empty({P.Hq, q.size(0)}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      attn_fwd<float>(P, out.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
-      break;
-    case at::kHalf:
-      attn_fwd<c10::Half>(P, out.mutable_data_ptr<c10::Half>(), lse.mutable_data_ptr<float>());
-      break;
-    case at::kBFloat16:
-      attn_fwd<c10::BFloat16>(P, out.mutable_data_ptr<c10::BFloat16>(),
-                              lse.mutable_data_ptr<float>());
-      break;
-    default: TORCH_CHECK(false, who, ": unsupported dtype ", q.scalar_type());
-  }
-  return {out, lse};
+  return run_fwd(who, P, at::empty({q.size(0), P.Hq, P.Ev}, q.options()),
+                 at::empty({P.Hq, q.size(0)}, q.options().dtype(at::kFloat)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
@@ -1247,28 +1252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
                  lse.unsqueeze(0), std::nullopt, rng, dropout_p, is_causal);
   const Varlen V = make_varlen(who, q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p,
                                is_causal, scale);
-  const Problem& P = V.P;
-  const at::Tensor dO = grad_out.stride(2) == 1 ? grad_out : grad_out.contiguous();
-  const at::Tensor O = out.stride(2) == 1 ? out : out.contiguous();
-  const at::Tensor ls = lse.contiguous();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
-  const int64_t sdo[3] = {0, dO.stride(1), dO.stride(0)};
-  const int64_t so[3] = {0, O.stride(1), O.stride(0)};
-#define FASTLM_ATTN_BWD(T)                                                                     \
-  attn_bwd<T>(P, dO.const_data_ptr<T>(), sdo, O.const_data_ptr<T>(), so,                       \
-              ls.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>(),  \
-              dv.mutable_data_ptr<T>())
-  switch (q.scalar_type()) {
-    case at::kFloat: FASTLM_ATTN_BWD(float); break;
-    case at::kHalf: FASTLM_ATTN_BWD(c10::Half); break;
-    case at::kBFloat16: FASTLM_ATTN_BWD(c10::BFloat16); break;
-    default: TORCH_CHECK(false, who, ": unsupported dtype ", q.scalar_type());
-  }
-#undef FASTLM_ATTN_BWD
-  return {dq, dk, dv};
+  return run_bwd(who, V.P, grad_out, q, k, v, out, lse);
 }
 
 }  // namespace

@@ -332,52 +332,25 @@ FASTLM_LN_DRIVERS(c10::BFloat16, float, bf16_f32)
     default: TORCH_CHECK(false, "fastlm.layer_norm: unsupported dtype ", xtype);      \
   }
 
-bool params_f32(const at::Tensor& x, const std::optional<at::Tensor>& w,
-                const std::optional<at::Tensor>& b) {
-  const at::Tensor* p = (w && w->defined()) ? &*w : ((b && b->defined()) ? &*b : nullptr);
-  const bool f32 = p && p->scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
-  if (w && w->defined() && b && b->defined())
-    TORCH_CHECK(w->scalar_type() == b->scalar_type(),
-                "fastlm.layer_norm: weight and bias must have the same dtype, got ",
-                w->scalar_type(), " and ", b->scalar_type());
-  return f32;
-}
-
-std::optional<at::Tensor> contig(const std::optional<at::Tensor>& p) {
-  if (p && p->defined()) return p->contiguous();
-  return std::nullopt;
-}
-
 constexpr int64_t kGrainRows = 16;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
   ln_check_fwd(input, weight, bias);
-  const bool pf32 = params_f32(input, weight, bias);
-  const at::Tensor x = input.contiguous();
-  const auto w = contig(weight), b = contig(bias);
-  const int64_t M = x.size(0), N = x.size(1);
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {y, mean, rstd};
-  if (N == 0) {
-    mean.fill_(std::nanf(""));
-    rstd.fill_(std::nanf(""));
-    return {y, mean, rstd};
-  }
+  const LnFwd f = ln_fwd_prepare(input, nullptr, weight, bias);
+  if (f.done) return {f.y, f.mean, f.rstd};
   const float feps = static_cast<float>(eps);
 #define CALL(T, W, tag)                                                                       \
-  at::parallel_for(0, M, kGrainRows, [&](int64_t r0, int64_t r1) {                            \
-    fwd_##tag(x.const_data_ptr<T>(), static_cast<const W*>(opt_ptr(w)),                       \
-              static_cast<const W*>(opt_ptr(b)), y.mutable_data_ptr<T>(),                     \
-              mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), r0, r1, N,     \
-              feps);                                                                          \
+  at::parallel_for(0, f.M, kGrainRows, [&](int64_t r0, int64_t r1) {                          \
+    fwd_##tag(f.x.const_data_ptr<T>(), static_cast<const W*>(opt_ptr(f.w)),                   \
+              static_cast<const W*>(opt_ptr(f.b)), f.y.mutable_data_ptr<T>(),                 \
+              f.mean.mutable_data_ptr<float>(), f.rstd.mutable_data_ptr<float>(), r0, r1,     \
+              f.N, feps);                                                                     \
   })
-  FASTLM_LN_DISPATCH(x.scalar_type(), pf32, CALL)
+  FASTLM_LN_DISPATCH(f.x.scalar_type(), f.pf32, CALL)
 #undef CALL
-  return {y, mean, rstd};
+  return {f.y, f.mean, f.rstd};
 }
 
 // out[j] = sum over chunks c of p[c * N + j], column by column in chunk order (deterministic).
@@ -402,44 +375,59 @@ void reduce_partials(at::Tensor& out, const float* p, int64_t chunks, int64_t N)
   }
 }
 
+// The backward's rows in a fixed number of chunks (independent of the thread count), run in
+// parallel, each accumulating dw and db into its own partial rows (both whenever either is
+// wanted); the partials are then summed in chunk order, so dw and db are bit-reproducible.
+class Chunks {
+ public:
+  explicit Chunks(const LnBwd& g) : g_(g), n_(std::max<int64_t>(1, std::min<int64_t>(g.M, 32))) {
+    if (g.dw.numel() || g.db.numel())
+      part_ = at::empty({2, n_, g.N}, g.x.options().dtype(at::kFloat)).zero_();
+  }
+
+  // Runs body(r0, r1, pw, pb) for every chunk: its rows r0..r1-1 and partial rows (or null).
+  template <typename F>
+  void run(const F& body) {
+    float* p = part_.defined() ? part_.mutable_data_ptr<float>() : nullptr;
+    at::parallel_for(0, n_, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        body(c * g_.M / n_, (c + 1) * g_.M / n_, p ? p + c * g_.N : nullptr,
+             p ? p + (n_ + c) * g_.N : nullptr);
+    });
+  }
+
+  // dw and db (those wanted) from the partial rows.
+  void reduce(at::Tensor& dw, at::Tensor& db) const {
+    if (!part_.defined()) return;
+    reduce_partials(dw, part_.const_data_ptr<float>(), n_, g_.N);
+    reduce_partials(db, part_.const_data_ptr<float>() + n_ * g_.N, n_, g_.N);
+  }
+
+ private:
+  const LnBwd& g_;
+  int64_t n_;
+  at::Tensor part_;
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool weight_grad, bool bias_grad) {
   ln_check_bwd(grad_out, input, mean, rstd, weight, bias, weight_grad, bias_grad);
-  const bool pf32 = params_f32(input, weight, bias);
-  const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
-  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
-  const auto w = contig(weight);
-  const int64_t M = x.size(0), N = x.size(1);
-  at::Tensor dx = at::empty({M, N}, x.options());
-  at::Tensor dw = ln_param_grad(weight, weight_grad, x);
-  at::Tensor db = ln_param_grad(bias, bias_grad, x);
-  const bool partials = weight_grad || bias_grad;
-  // Fixed chunking (independent of the thread count) keeps dw/db bit-reproducible.
-  const int64_t chunks = partials ? std::max<int64_t>(1, std::min<int64_t>(M, 32)) : 1;
-  at::Tensor part;
-  if (partials) part = at::empty({2, chunks, N}, x.options().dtype(at::kFloat)).zero_();
-  if (M > 0 && N > 0) {
-    // Both partial rows are accumulated whenever either gradient is wanted.
-    float* pw = partials ? part.mutable_data_ptr<float>() : nullptr;
-    float* pb = partials ? part.mutable_data_ptr<float>() + chunks * N : nullptr;
+  LnBwd g = ln_bwd_prepare(grad_out, std::nullopt, input, mean, rstd, weight, bias, false, false,
+                           weight_grad, bias_grad);
+  if (g.done) return {g.dx, g.dw, g.db};
+  Chunks chunks(g);
 #define CALL(T, W, tag)                                                                       \
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {                                \
-    for (int64_t c = c0; c < c1; ++c) {                                                       \
-      const int64_t r0 = c * M / chunks, r1 = (c + 1) * M / chunks;                           \
-      bwd_##tag(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), mu.const_data_ptr<float>(),    \
-                rs.const_data_ptr<float>(), static_cast<const W*>(opt_ptr(w)),                \
-                dx.mutable_data_ptr<T>(), pw ? pw + c * N : nullptr,                          \
-                pb ? pb + c * N : nullptr, r0, r1, N);                                        \
-    }                                                                                         \
+  chunks.run([&](int64_t r0, int64_t r1, float* pw, float* pb) {                              \
+    bwd_##tag(g.dy.const_data_ptr<T>(), g.x.const_data_ptr<T>(), g.mu.const_data_ptr<float>(), \
+              g.rs.const_data_ptr<float>(), static_cast<const W*>(opt_ptr(g.w)),              \
+              g.dx.mutable_data_ptr<T>(), pw, pb, r0, r1, g.N);                               \
   })
-    FASTLM_LN_DISPATCH(x.scalar_type(), pf32, CALL)
+  FASTLM_LN_DISPATCH(g.x.scalar_type(), g.pf32, CALL)
 #undef CALL
-  }
-  if (weight_grad) reduce_partials(dw, part.const_data_ptr<float>(), chunks, N);
-  if (bias_grad) reduce_partials(db, part.const_data_ptr<float>() + chunks * N, chunks, N);
-  return {dx, dw, db};
+  chunks.reduce(g.dw, g.db);
+  return {g.dx, g.dw, g.db};
 }
 
 // ------------------------------------------------------------------------------------------
@@ -460,33 +448,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cp
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& rng, double dropout_p,
     double eps) {
   const bool drop = aln_check_fwd(input, residual, weight, bias, rng, dropout_p);
-  const bool pf32 = params_f32(input, weight, bias);
+  const LnFwd f = ln_fwd_prepare(input, &residual, weight, bias);
+  if (f.done) return {f.y, f.summed, f.mean, f.rstd};
   const Dropout d = make_dropout(rng, dropout_p, drop);
-  const at::Tensor x = input.contiguous(), res = residual.contiguous();
-  const auto w = contig(weight), b = contig(bias);
-  const int64_t M = x.size(0), N = x.size(1);
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor s = at::empty({M, N}, x.options());
-  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {y, s, mean, rstd};
-  if (N == 0) {
-    mean.fill_(std::nanf(""));
-    rstd.fill_(std::nanf(""));
-    return {y, s, mean, rstd};
-  }
   const float feps = static_cast<float>(eps);
 #define CALL(T, W, tag)                                                                       \
-  at::parallel_for(0, M, kGrainRows, [&](int64_t r0, int64_t r1) {                            \
-    add_fwd_##tag(x.const_data_ptr<T>(), res.const_data_ptr<T>(),                             \
-                  static_cast<const W*>(opt_ptr(w)), static_cast<const W*>(opt_ptr(b)),      \
-                  y.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(),                           \
-                  mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), r0, r1, N, \
-                  feps, d);                                                                   \
+  at::parallel_for(0, f.M, kGrainRows, [&](int64_t r0, int64_t r1) {                          \
+    add_fwd_##tag(f.x.const_data_ptr<T>(), f.res.const_data_ptr<T>(),                         \
+                  static_cast<const W*>(opt_ptr(f.w)), static_cast<const W*>(opt_ptr(f.b)),  \
+                  f.y.mutable_data_ptr<T>(), f.summed.mutable_data_ptr<T>(),                  \
+                  f.mean.mutable_data_ptr<float>(), f.rstd.mutable_data_ptr<float>(), r0, r1, \
+                  f.N, feps, d);                                                              \
   })
-  FASTLM_LN_DISPATCH(x.scalar_type(), pf32, CALL)
+  FASTLM_LN_DISPATCH(f.x.scalar_type(), f.pf32, CALL)
 #undef CALL
-  return {y, s, mean, rstd};
+  return {f.y, f.summed, f.mean, f.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cpu(
@@ -497,44 +473,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
     bool bias_grad) {
   const bool want_din = aln_check_bwd(grad_out, grad_summed, summed, mean, rstd, weight, bias,
                                       rng, dropout_p, input_grad, weight_grad, bias_grad);
-  const bool pf32 = params_f32(summed, weight, bias);
+  LnBwd g = ln_bwd_prepare(grad_out, grad_summed, summed, mean, rstd, weight, bias, true,
+                           want_din, weight_grad, bias_grad);
+  if (g.done) return {g.dx, g.din, g.dw, g.db};
   const Dropout d = make_dropout(rng, dropout_p, want_din);
-  const at::Tensor s = summed.contiguous(), dy = grad_out.contiguous();
-  const bool has_gs = grad_summed.has_value() && grad_summed->defined();
-  const at::Tensor gs = has_gs ? grad_summed->contiguous() : at::Tensor();
-  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
-  const auto w = contig(weight);
-  const int64_t M = s.size(0), N = s.size(1);
-  at::Tensor dres = at::empty({M, N}, s.options());
-  at::Tensor din = want_din ? at::empty({M, N}, s.options())
-                            : at::empty({0}, s.options());
-  at::Tensor dw = ln_param_grad(weight, weight_grad, s);
-  at::Tensor db = ln_param_grad(bias, bias_grad, s);
-  const bool partials = weight_grad || bias_grad;
-  // Fixed chunking (independent of the thread count) keeps dw/db bit-reproducible.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(M, 32));
-  at::Tensor part;
-  if (partials) part = at::empty({2, chunks, N}, s.options().dtype(at::kFloat)).zero_();
-  if (M > 0 && N > 0) {
-    float* pw = partials ? part.mutable_data_ptr<float>() : nullptr;
-    float* pb = partials ? part.mutable_data_ptr<float>() + chunks * N : nullptr;
+  Chunks chunks(g);
 #define CALL(T, W, tag)                                                                       \
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {                                \
-    for (int64_t c = c0; c < c1; ++c) {                                                       \
-      const int64_t r0 = c * M / chunks, r1 = (c + 1) * M / chunks;                           \
-      add_bwd_##tag(dy.const_data_ptr<T>(), has_gs ? gs.const_data_ptr<T>() : nullptr,        \
-                    s.const_data_ptr<T>(), mu.const_data_ptr<float>(),                        \
-                    rs.const_data_ptr<float>(), static_cast<const W*>(opt_ptr(w)),            \
-                    dres.mutable_data_ptr<T>(), want_din ? din.mutable_data_ptr<T>() : nullptr, \
-                    pw ? pw + c * N : nullptr, pb ? pb + c * N : nullptr, r0, r1, N, d);      \
-    }                                                                                         \
+  chunks.run([&](int64_t r0, int64_t r1, float* pw, float* pb) {                              \
+    add_bwd_##tag(g.dy.const_data_ptr<T>(), g.gs.defined() ? g.gs.const_data_ptr<T>() : nullptr, \
+                  g.x.const_data_ptr<T>(), g.mu.const_data_ptr<float>(),                      \
+                  g.rs.const_data_ptr<float>(), static_cast<const W*>(opt_ptr(g.w)),          \
+                  g.dx.mutable_data_ptr<T>(), want_din ? g.din.mutable_data_ptr<T>() : nullptr, \
+                  pw, pb, r0, r1, g.N, d);                                                    \
   })
-    FASTLM_LN_DISPATCH(s.scalar_type(), pf32, CALL)
+  FASTLM_LN_DISPATCH(g.x.scalar_type(), g.pf32, CALL)
 #undef CALL
-  }
-  if (weight_grad) reduce_partials(dw, part.const_data_ptr<float>(), chunks, N);
-  if (bias_grad) reduce_partials(db, part.const_data_ptr<float>() + chunks * N, chunks, N);
-  return {dres, din, dw, db};
+  chunks.reduce(g.dw, g.db);
+  return {g.dx, g.din, g.dw, g.db};
 }
 
 }  // namespace

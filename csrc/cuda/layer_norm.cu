@@ -27,6 +27,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -49,30 +50,23 @@ struct AddArgs {
   float scale = 1.f;
 };
 
-struct DropKey {
-  uint64_t seed, offset;
-};
-
-__device__ __forceinline__ DropKey drop_key(const AddArgs& a) {
-  if (a.thresh == 0) return DropKey{0, 0};
-  return DropKey{uint64_t(a.rng[0]), uint64_t(a.rng[1])};
-}
-
 // Keep bits (bit q: column j + q) of columns j .. j + VEC - 1 of `row` (VEC divides 8 and j is
-// a multiple of VEC, so they come from one Philox call).
+// a multiple of VEC, so they come from one Philox call). The (seed, offset) key is read here,
+// where it is used (an L1 hit after the first call), rather than held in registers across the
+// kernel: that kept the ADD variants from fitting in the registers of the plain ones.
 template <int VEC>
-__device__ __forceinline__ uint32_t keep_bits(const AddArgs& a, const DropKey& k, int64_t row,
-                                              int j) {
-  const uint32_t keep = dropout_keep8(k.seed, k.offset, uint32_t(uint64_t(row) >> 32),
+__device__ __forceinline__ uint32_t keep_bits(const AddArgs& a, int64_t row, int j) {
+  const uint64_t seed = uint64_t(__ldg(a.rng)), offset = uint64_t(__ldg(a.rng + 1));
+  const uint32_t keep = dropout_keep8(seed, offset, uint32_t(uint64_t(row) >> 32),
                                       uint32_t(uint64_t(row)), uint32_t(j >> 3), a.thresh);
   return (keep >> (j & 7)) & ((1u << VEC) - 1u);
 }
 
 // m[q] = scale where column j + q is kept, else 0.
 template <int VEC>
-__device__ __forceinline__ void drop_factors(const AddArgs& a, const DropKey& k, int64_t row,
-                                             int j, float (&m)[VEC]) {
-  const uint32_t bits = keep_bits<VEC>(a, k, row, j);
+__device__ __forceinline__ void drop_factors(const AddArgs& a, int64_t row, int j,
+                                             float (&m)[VEC]) {
+  const uint32_t bits = keep_bits<VEC>(a, row, j);
 #pragma unroll
   for (int q = 0; q < VEC; ++q) m[q] = ((bits >> q) & 1u) ? a.scale : 0.f;
 }
@@ -97,8 +91,8 @@ __device__ __forceinline__ void add_residual(const AddArgs& a, int64_t row, int 
 
 // Stores dx (columns j..); with ADD, adds grad_summed first and also stores dx * m to din.
 template <typename T, int VEC, bool ADD>
-__device__ __forceinline__ void store_dx(T* __restrict dx, const AddArgs& a, const DropKey& k,
-                                         int64_t row, int N, int j, float (&o)[VEC]) {
+__device__ __forceinline__ void store_dx(T* __restrict dx, const AddArgs& a, int64_t row, int N,
+                                         int j, float (&o)[VEC]) {
   if constexpr (ADD) {
     if (a.gs) {
       float g[VEC];
@@ -111,7 +105,7 @@ __device__ __forceinline__ void store_dx(T* __restrict dx, const AddArgs& a, con
   if constexpr (ADD) {
     if (a.din) {
       float m[VEC];
-      drop_factors<VEC>(a, k, row, j, m);
+      drop_factors<VEC>(a, row, j, m);
 #pragma unroll
       for (int q = 0; q < VEC; ++q) o[q] *= m[q];
       store_f<T, VEC>(static_cast<T*>(a.din) + row * N + j, o);
@@ -136,29 +130,37 @@ __global__ void __launch_bounds__(kFwdRegMaxThreads) ln_fwd_reg(const T* __restr
   const bool live = row < M;  // dead rows still join the block-wide reductions
   const T* xr = x + row * N;
   // Dropout: the keep bits of all ITEMS vectors first, one Philox call at a time (interleaved
-  // with the row in registers, the unrolled calls would spill).
-  uint64_t kb = 0;
+  // with the row in registers, the unrolled calls would spill), into one word when they fit.
+  using Bits = std::conditional_t<(ITEMS * VEC <= 32), uint32_t, uint64_t>;
+  Bits kb = 0;
   if constexpr (ADD) {
     if (a.thresh && live) {
-      const DropKey key = drop_key(a);
 #pragma unroll 1
       for (int i = 0; i < ITEMS; ++i) {
         const int j = (threadIdx.x + i * blockDim.x) * VEC;
-        if (j < N) kb |= uint64_t(keep_bits<VEC>(a, key, row, j)) << (i * VEC);
+        if (j < N) kb |= Bits(keep_bits<VEC>(a, row, j)) << (i * VEC);
       }
     }
   }
   float v[ITEMS][VEC];
-  float s = 0.f, unused = 0.f;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int j = (threadIdx.x + i * blockDim.x) * VEC;
     if (live && j < N) {
       load_f<T, VEC>(xr + j, v[i]);
-      if constexpr (ADD) add_residual<T, VEC>(a, row, N, j, uint32_t(kb >> (i * VEC)), v[i]);
     } else {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v[i][k] = 0.f;
+    }
+  }
+  // With ADD, the residual and dropout in a loop of their own: interleaved with the loads of x
+  // above, they kept x's row offset live to the end and one register spilled (16-bit, ITEMS 4).
+  float s = 0.f, unused = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if constexpr (ADD) {
+      const int j = (threadIdx.x + i * blockDim.x) * VEC;
+      if (live && j < N) add_residual<T, VEC>(a, row, N, j, uint32_t(kb >> (i * VEC)), v[i]);
     }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s += v[i][k];
@@ -210,14 +212,12 @@ __global__ void ln_fwd_loop(const T* __restrict x, const void* __restrict w,
   // With ADD the first pass makes and stores s; the later passes re-read it (each thread
   // reads back only what it wrote).
   const T* xr = ADD ? static_cast<const T*>(a.summed) + row * N : x + row * N;
-  DropKey key{0, 0};
-  if constexpr (ADD) key = drop_key(a);
   float s = 0.f, unused = 0.f;
   for (int j = threadIdx.x * VEC; j < N; j += blockDim.x * VEC) {
     float v[VEC];
     load_f<T, VEC>(x + row * N + j, v);
     if constexpr (ADD)
-      add_residual<T, VEC>(a, row, N, j, a.thresh ? keep_bits<VEC>(a, key, row, j) : 0u, v);
+      add_residual<T, VEC>(a, row, N, j, a.thresh ? keep_bits<VEC>(a, row, j) : 0u, v);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s += v[k];
   }
@@ -258,8 +258,6 @@ __global__ void __launch_bounds__(bwd_reg_max_threads(ITEMS)) ln_bwd_reg(const T
                            float* __restrict part_w, float* __restrict part_b, int64_t M,
                            int N, AddArgs add) {
   extern __shared__ float smem[];
-  DropKey key{0, 0};
-  if constexpr (ADD) key = drop_key(add);
   float dw[ITEMS][VEC], db[ITEMS][VEC];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i)
@@ -305,7 +303,7 @@ __global__ void __launch_bounds__(bwd_reg_max_threads(ITEMS)) ln_bwd_reg(const T
           float o[VEC];
 #pragma unroll
           for (int k = 0; k < VEC; ++k) o[k] = rs * (gv[i][k] - c - xh[i][k] * a);
-          store_dx<T, VEC, ADD>(dx, add, key, row, N, j, o);
+          store_dx<T, VEC, ADD>(dx, add, row, N, j, o);
         }
       }
     }
@@ -334,8 +332,6 @@ __global__ void ln_bwd_loop(const T* __restrict dy, const T* __restrict x,
                             float* __restrict part_w, float* __restrict part_b, int64_t M,
                             int N, AddArgs add) {
   extern __shared__ float smem[];
-  DropKey key{0, 0};
-  if constexpr (ADD) key = drop_key(add);
   float* pw = part_w ? part_w + int64_t(blockIdx.x) * N : nullptr;
   float* pb = part_b ? part_b + int64_t(blockIdx.x) * N : nullptr;
   bool first = true;
@@ -373,7 +369,7 @@ __global__ void ln_bwd_loop(const T* __restrict dy, const T* __restrict x,
           pb[j + k] = (first ? 0.f : pb[j + k]) + dv[k];
         }
       }
-      store_dx<T, VEC, ADD>(dx, add, key, row, N, j, o);
+      store_dx<T, VEC, ADD>(dx, add, row, N, j, o);
     }
     first = false;
   }
@@ -468,21 +464,6 @@ void dispatch_items(int items, F&& f) {
   }
 }
 
-std::optional<at::Tensor> contig(const std::optional<at::Tensor>& p) {
-  if (p && p->defined()) return p->contiguous();
-  return std::nullopt;
-}
-
-bool params_f32(const at::Tensor& x, const std::optional<at::Tensor>& w,
-                const std::optional<at::Tensor>& b) {
-  if (w && w->defined() && b && b->defined())
-    TORCH_CHECK(w->scalar_type() == b->scalar_type(),
-                "fastlm.layer_norm: weight and bias must have the same dtype, got ",
-                w->scalar_type(), " and ", b->scalar_type());
-  const at::Tensor* p = (w && w->defined()) ? &*w : ((b && b->defined()) ? &*b : nullptr);
-  return p && p->scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
-}
-
 size_t reduce_smem(const Plan& p) { return sizeof(float) * 2 * p.ty * (p.tx / 32); }
 
 // Launches the forward on allocated outputs (M, N > 0); ADD when a.res is set.
@@ -532,26 +513,21 @@ void launch_fwd(const at::Tensor& x, const std::optional<at::Tensor>& w,
   });
 }
 
+// The dropout fields of `a` (rng: the contiguous (seed, offset), kept alive by the caller).
+void set_dropout(AddArgs& a, const at::Tensor& rng, double dropout_p) {
+  a.rng = rng.const_data_ptr<int64_t>();
+  a.thresh = dropout_threshold(dropout_p);
+  a.scale = dropout_scale(a.thresh);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
   ln_check_fwd(input, weight, bias);
-  const bool pf32 = params_f32(input, weight, bias);
   c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous();
-  const auto w = contig(weight), b = contig(bias);
-  const int64_t M = x.size(0), N = x.size(1);
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {y, mean, rstd};
-  if (N == 0) {
-    mean.fill_(NAN);
-    rstd.fill_(NAN);
-    return {y, mean, rstd};
-  }
-  launch_fwd(x, w, b, pf32, y, mean, rstd, eps, AddArgs{});
-  return {y, mean, rstd};
+  LnFwd f = ln_fwd_prepare(input, nullptr, weight, bias);
+  if (!f.done) launch_fwd(f.x, f.w, f.b, f.pf32, f.y, f.mean, f.rstd, eps, AddArgs{});
+  return {f.y, f.mean, f.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cuda(
@@ -559,32 +535,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cu
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& rng, double dropout_p,
     double eps) {
   const bool drop = aln_check_fwd(input, residual, weight, bias, rng, dropout_p);
-  const bool pf32 = params_f32(input, weight, bias);
   c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(), res = residual.contiguous();
-  const auto w = contig(weight), b = contig(bias);
-  const int64_t M = x.size(0), N = x.size(1);
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor s = at::empty({M, N}, x.options());
-  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {y, s, mean, rstd};
-  if (N == 0) {
-    mean.fill_(NAN);
-    rstd.fill_(NAN);
-    return {y, s, mean, rstd};
-  }
-  at::Tensor r = drop ? rng->contiguous() : at::Tensor();
+  LnFwd f = ln_fwd_prepare(input, &residual, weight, bias);
+  if (f.done) return {f.y, f.summed, f.mean, f.rstd};
+  const at::Tensor r = drop ? rng->contiguous() : at::Tensor();
   AddArgs a;
-  a.res = res.const_data_ptr();
-  a.summed = s.mutable_data_ptr();
-  if (drop) {
-    a.rng = r.const_data_ptr<int64_t>();
-    a.thresh = dropout_threshold(dropout_p);
-    a.scale = dropout_scale(a.thresh);
-  }
-  launch_fwd(x, w, b, pf32, y, mean, rstd, eps, a);
-  return {y, s, mean, rstd};
+  a.res = f.res.const_data_ptr();
+  a.summed = f.summed.mutable_data_ptr();
+  if (drop) set_dropout(a, r, dropout_p);
+  launch_fwd(f.x, f.w, f.b, f.pf32, f.y, f.mean, f.rstd, eps, a);
+  return {f.y, f.summed, f.mean, f.rstd};
 }
 
 // dw (dbias) from the partial sets part[0] (part[1]); an undefined/empty output is skipped.
@@ -674,23 +634,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool weight_grad, bool bias_grad) {
   ln_check_bwd(grad_out, input, mean, rstd, weight, bias, weight_grad, bias_grad);
-  const bool pf32 = params_f32(input, weight, bias);
   c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
-  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
-  const auto w = contig(weight);
-  const int64_t M = x.size(0), N = x.size(1);
-  at::Tensor dx = at::empty({M, N}, x.options());
-  at::Tensor dw = ln_param_grad(weight, weight_grad, x);
-  at::Tensor db = ln_param_grad(bias, bias_grad, x);
-  if (N == 0) return {dx, dw, db};
-  if (M == 0) {
-    if (dw.numel()) dw.zero_();
-    if (db.numel()) db.zero_();
-    return {dx, dw, db};
-  }
-  launch_bwd(dy, x, mu, rs, w, pf32, dx, dw, db, weight_grad || bias_grad, false, AddArgs{});
-  return {dx, dw, db};
+  LnBwd g = ln_bwd_prepare(grad_out, std::nullopt, input, mean, rstd, weight, bias, false, false,
+                           weight_grad, bias_grad);
+  if (!g.done)
+    launch_bwd(g.dy, g.x, g.mu, g.rs, g.w, g.pf32, g.dx, g.dw, g.db, weight_grad || bias_grad,
+               false, AddArgs{});
+  return {g.dx, g.dw, g.db};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cuda(
@@ -701,35 +651,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cu
     bool bias_grad) {
   const bool want_din = aln_check_bwd(grad_out, grad_summed, summed, mean, rstd, weight, bias,
                                       rng, dropout_p, input_grad, weight_grad, bias_grad);
-  const bool pf32 = params_f32(summed, weight, bias);
   c10::cuda::CUDAGuard guard(summed.device());
-  const at::Tensor x = summed.contiguous(), dy = grad_out.contiguous();
-  const bool has_gs = grad_summed.has_value() && grad_summed->defined();
-  const at::Tensor gs = has_gs ? grad_summed->contiguous() : at::Tensor();
-  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
-  const auto w = contig(weight);
-  const int64_t M = x.size(0), N = x.size(1);
-  at::Tensor dres = at::empty({M, N}, x.options());
-  at::Tensor din = want_din ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
-  at::Tensor dw = ln_param_grad(weight, weight_grad, x);
-  at::Tensor db = ln_param_grad(bias, bias_grad, x);
-  if (N == 0) return {dres, din, dw, db};
-  if (M == 0) {
-    if (dw.numel()) dw.zero_();
-    if (db.numel()) db.zero_();
-    return {dres, din, dw, db};
-  }
-  at::Tensor r = want_din ? rng->contiguous() : at::Tensor();
+  LnBwd g = ln_bwd_prepare(grad_out, grad_summed, summed, mean, rstd, weight, bias, true,
+                           want_din, weight_grad, bias_grad);
+  if (g.done) return {g.dx, g.din, g.dw, g.db};
+  const at::Tensor r = want_din ? rng->contiguous() : at::Tensor();
   AddArgs a;
-  a.gs = has_gs ? gs.const_data_ptr() : nullptr;
+  a.gs = g.gs.defined() ? g.gs.const_data_ptr() : nullptr;
   if (want_din) {
-    a.din = din.mutable_data_ptr();
-    a.rng = r.const_data_ptr<int64_t>();
-    a.thresh = dropout_threshold(dropout_p);
-    a.scale = dropout_scale(a.thresh);
+    a.din = g.din.mutable_data_ptr();
+    set_dropout(a, r, dropout_p);
   }
-  launch_bwd(dy, x, mu, rs, w, pf32, dres, dw, db, weight_grad || bias_grad, true, a);
-  return {dres, din, dw, db};
+  launch_bwd(g.dy, g.x, g.mu, g.rs, g.w, g.pf32, g.dx, g.dw, g.db, weight_grad || bias_grad, true,
+             a);
+  return {g.dx, g.din, g.dw, g.db};
 }
 
 }  // namespace

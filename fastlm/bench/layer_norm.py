@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Case, Impl, register
+from .rows import matrix_bytes, row_shapes, seeded_randn
 
 EPS = 1e-5
 
@@ -16,13 +17,7 @@ EPS = 1e-5
 def make_inputs(shape, device):
     """x, weight, bias and the upstream gradient dy, seeded, in the shape's dtype."""
     m, n = shape["M"], shape["N"]
-    dtype = getattr(torch, shape["dtype"])
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*size, scale=1.0, shift=0.0):
-        t = torch.randn(*size, generator=g, device=device, dtype=torch.float32)
-        return (t * scale + shift).to(dtype)
-
+    randn = seeded_randn(shape, device)
     return {"x": randn(m, n), "w": randn(n, scale=0.1, shift=1.0), "b": randn(n, scale=0.1),
             "dy": randn(m, n), "eps": EPS}
 
@@ -83,22 +78,12 @@ def _liger(inputs, direction):
 
 
 def _bytes(shape, direction):
-    size = torch.empty((), dtype=getattr(torch, shape["dtype"])).element_size()
-    return (2 if direction == "forward" else 3) * shape["M"] * shape["N"] * size
-
-
-def _shapes(m, ns, dtype):
-    return [{"M": m, "N": n, "dtype": dtype} for n in ns]
+    return (2 if direction == "forward" else 3) * matrix_bytes(shape)
 
 
 CASE = register(Case(
     op="layer_norm",
-    shapes={
-        "cuda": {"full": _shapes(32768, (768, 1024, 2048, 4096, 8192), "bfloat16"),
-                 "quick": _shapes(8192, (1024, 4096), "bfloat16")},
-        "cpu": {"full": _shapes(4096, (768, 1024, 2048, 4096), "float32"),
-                "quick": _shapes(4096, (1024,), "float32")},
-    },
+    shapes=row_shapes(),
     make_inputs=make_inputs,
     impls=(
         _fastlm("cuda"),

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ._common import lazy_triton_ops
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -103,7 +104,7 @@ if hasattr(torch.ops.fastlm, "adam_step_"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton op, defined on first use (triton_op imports torch._inductor; see ops/layer_norm.py).
+# Triton op, defined on first use (see ops/_common.py).
 def _register_triton_ops():
     from torch.library import triton_op
 
@@ -127,19 +128,7 @@ def _register_triton_ops():
         return tk.sum_of_squares(tensors)
 
 
-_triton_registered = False
-
-
-def triton_ops_ready() -> bool:
-    """Registers the Triton ops once; torch.compile runs this at trace time."""
-    global _triton_registered
-    if not _triton_registered:
-        _register_triton_ops()
-        _triton_registered = True
-    return True
-
-
-triton_ops_ready._dynamo_marked_constant = True  # see ops/layer_norm.py
+triton_ops_ready = lazy_triton_ops(_register_triton_ops)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ from torch import Tensor
 
 from .. import backends
 from .._errors import ArgumentError, ArgumentTypeError
+from ._common import lazy_triton_ops, register_autograd
 from .attention import _new_rng, dropout_scale, dropout_threshold, philox4x32_10
 from .layer_norm import KERNEL_DTYPES, MAX_N, _canonical_shape, _validate, layer_norm
+from .layer_norm import _check_2d as _ln_check_2d
 from .layer_norm import reference as _ln_reference
 
 WHO = "fastlm.add_layer_norm"
@@ -123,17 +125,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        f"{WHO} does not support double backward (higher-order gradients): run that "
-        "computation with fastlm.use_backend('torch')")
-
-
 def _register(fwd_name, bwd_name, bwd_op):
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(bwd_name, _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+    register_autograd(WHO, fwd_name, bwd_name, _make_backward(bwd_op), _setup_context)
 
 
 # C++ ops (fastlm._C): fake kernels and autograd. The schemas live in csrc/fastlm.cpp.
@@ -158,23 +151,12 @@ def _has_kernel(device_type):
 # Triton ops: torch.library.triton_op so torch.compile sees through to the kernels.
 def _check_2d(input, residual, weight, bias, rng, dropout_p):
     """The argument checks of the C++ kernels (csrc/layer_norm.h), for the Triton ops."""
-    torch._check(input.dim() == 2, lambda: f"{WHO}: input must be 2-D (rows, N)")
-    torch._check(input.dtype in KERNEL_DTYPES, lambda: (
-        f"{WHO}: input must be float32, float16 or bfloat16, got {input.dtype}"))
-    torch._check(input.shape[1] <= MAX_N, lambda: (
-        f"{WHO}: the normalized size is {input.shape[1]} elements but at most {MAX_N} are "
-        "supported"))
+    _ln_check_2d(input, weight, bias, WHO)
     torch._check(residual.shape == input.shape and residual.dtype == input.dtype
                  and residual.device == input.device, lambda: (
                      f"{WHO}: residual must match input (shape {list(input.shape)}, "
                      f"{input.dtype}, {input.device}), got shape {list(residual.shape)}, "
                      f"{residual.dtype}, {residual.device}"))
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None:
-            torch._check(p.shape == (input.shape[1],), lambda: (
-                f"{WHO}: {name} must be 1-D with {input.shape[1]} elements"))
-            torch._check(p.dtype in (input.dtype, torch.float32), lambda: (
-                f"{WHO}: {name} must have the input's dtype or float32"))
     torch._check(0.0 <= dropout_p <= 1.0, lambda: f"{WHO}: dropout_p must be in [0, 1]")
     if dropout_p > 0.0:
         torch._check(rng is not None and rng.dtype == torch.int64 and rng.numel() == 2
@@ -184,8 +166,7 @@ def _check_2d(input, residual, weight, bias, rng, dropout_p):
 
 
 def _register_triton_ops():
-    """Define the Triton custom ops. Deferred to first use: triton_op imports torch._inductor,
-    which would add about a second to `import fastlm`."""
+    """Define the Triton custom ops (on first use: see ops/_common.py)."""
     from torch.library import triton_op
 
     from ..kernels import layer_norm as tk
@@ -213,19 +194,7 @@ def _register_triton_ops():
               torch.ops.fastlm.add_layer_norm_bwd_triton)
 
 
-_triton_registered = False
-
-
-def triton_ops_ready() -> bool:
-    """Registers the Triton ops once (see fastlm/ops/layer_norm.py)."""
-    global _triton_registered
-    if not _triton_registered:
-        _register_triton_ops()
-        _triton_registered = True
-    return True
-
-
-triton_ops_ready._dynamo_marked_constant = True  # see ops/layer_norm.py
+triton_ops_ready = lazy_triton_ops(_register_triton_ops)
 
 
 # ---------------------------------------------------------------------------------------------

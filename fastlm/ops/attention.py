@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import backends
 from .._errors import ArgumentError, ArgumentTypeError
+from ._common import lazy_triton_ops, register_autograd
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -263,38 +264,34 @@ def _fake_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd, shared by the C++ and the Triton forward ops.
+# Autograd, shared by the C++ and the Triton forward ops, dense and varlen: a forward op
+# (q, k, v, *rest) -> (out, lse) whose backward op takes (grad_out, q, k, v, out, lse, *rest).
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, rng, dropout_p, is_causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, rng)
-    ctx.args = (dropout_p, is_causal, scale)
+    # The tensors of rest (and absent optional ones) are saved for backward, the others kept.
+    rest = inputs[3:]
+    ctx.is_tensor = [a is None or isinstance(a, Tensor) for a in rest]
+    ctx.save_for_backward(*inputs[:3], *output,
+                          *(a for a, t in zip(rest, ctx.is_tensor) if t))
+    ctx.consts = [a for a, t in zip(rest, ctx.is_tensor) if not t]
 
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, mask, rng = ctx.saved_tensors
+        q, k, v, out, lse, *saved = ctx.saved_tensors
+        saved, consts = iter(saved), iter(ctx.consts)
+        rest = [next(saved) if t else next(consts) for t in ctx.is_tensor]
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, mask, rng, *ctx.args)
+        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, *rest)
         need = ctx.needs_input_grad
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                None, None, None, None, None)
+                *(None,) * len(rest))
 
     return backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fastlm.scaled_dot_product_attention does not support double backward (higher-order "
-        "gradients): run that computation with fastlm.use_backend('torch')")
-
-
-def _register(fwd_name, bwd_name, bwd_op):
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(bwd_name, _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+def _register(fwd_name, bwd_name, bwd_op, who="fastlm.scaled_dot_product_attention"):
+    register_autograd(who, fwd_name, bwd_name, _make_backward(bwd_op), _setup_context)
 
 
 _C_OPS = False
@@ -317,39 +314,8 @@ def _has_kernel(device_type):
 
 # Varlen: the C++ op runs on the CPU (csrc/cpu/attention.cpp); on CUDA tensors the Triton
 # kernels run it (there is no CUDA C++ varlen kernel).
-def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p, is_causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng)
-    ctx.args = (max_q, max_k)
-    ctx.flags = (dropout_p, is_causal, scale)
-
-
-def _make_varlen_backward(bwd_op):
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, cu_q, cu_k, rng = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args, rng,
-                            *ctx.flags)
-        need = ctx.needs_input_grad
-        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                *(None,) * 8)
-
-    return backward
-
-
-def _no_varlen_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fastlm.varlen_attention does not support double backward (higher-order gradients): "
-        "run that computation with fastlm.use_backend('torch')")
-
-
 def _register_varlen(fwd_name, bwd_name, bwd_op):
-    torch.library.register_autograd(fwd_name, _make_varlen_backward(bwd_op),
-                                    setup_context=_varlen_setup_context)
-    torch.library.register_autograd(bwd_name, _no_varlen_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+    _register(fwd_name, bwd_name, bwd_op, "fastlm.varlen_attention")
 
 
 _C_VARLEN = hasattr(torch.ops.fastlm, "varlen_attention_fwd")
@@ -367,7 +333,7 @@ def _has_varlen_kernel(device_type):
 
 
 def _register_triton_ops():
-    """Define the Triton custom ops (deferred to first use, as in ops/layer_norm.py)."""
+    """Define the Triton custom ops (on first use: see ops/_common.py)."""
     from torch.library import triton_op
 
     from ..kernels import attention as tk
@@ -414,18 +380,7 @@ def _register_triton_varlen_ops(tk):
                      torch.ops.fastlm.varlen_attention_bwd_triton)
 
 
-_triton_registered = False
-
-
-def triton_ops_ready() -> bool:
-    global _triton_registered
-    if not _triton_registered:
-        _register_triton_ops()
-        _triton_registered = True
-    return True
-
-
-triton_ops_ready._dynamo_marked_constant = True  # see ops/layer_norm.py
+triton_ops_ready = lazy_triton_ops(_register_triton_ops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,29 +391,47 @@ _WHO = "fastlm.scaled_dot_product_attention"
 _ORDER = {"cuda": ("triton", "cuda", "torch")}
 
 
-def _err(cls, msg):
+def _err(cls, msg, who=_WHO):
+    """The error to raise for a bad argument of `who`: ValueError and TypeError become
+    fastlm.ArgumentError and ArgumentTypeError (also RuntimeErrors, as torch's)."""
     return {ValueError: ArgumentError, TypeError: ArgumentTypeError}.get(cls, cls)(
-        f"{_WHO}: {msg}")
+        f"{who}: {msg}")
+
+
+def _check_qkv(who, names, tensors, ndim=None):
+    """The checks on query, key and value that both public functions make: tensors (of `ndim`
+    dims, or at least 2 (length, head dim) where ndim is None), floating point, one dtype, one
+    device, the same head dim for query and key. `names` are the arguments' names in `who`."""
+    for name, t in zip(names, tensors):
+        if not isinstance(t, Tensor):
+            raise _err(TypeError, f"{name} must be a Tensor, got {type(t).__name__}", who)
+        if ndim is None and t.dim() < 2:
+            raise _err(ValueError, f"{name} must have at least 2 dims (length, head dim), got "
+                                   f"shape {list(t.shape)}", who)
+        if ndim is not None and t.dim() != ndim:
+            raise _err(ValueError, f"{name} must be a {ndim}-D tensor (total, heads, head dim), "
+                                   f"got {t.shape}", who)
+        if not t.is_floating_point():
+            raise _err(TypeError, f"{name} must be floating point, got {t.dtype}", who)
+    (qn, kn, vn), (q, k, v) = names, tensors
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise _err(TypeError, f"{qn}, {kn} and {vn} must have one dtype, got {q.dtype}, "
+                              f"{k.dtype} and {v.dtype}", who)
+    if k.device != q.device or v.device != q.device:
+        raise _err(ValueError, f"{qn}, {kn} and {vn} must be on one device, got {q.device}, "
+                               f"{k.device} and {v.device}", who)
+    if k.shape[-1] != q.shape[-1]:
+        raise _err(ValueError, f"{kn}'s head dim ({k.shape[-1]}) must equal {qn}'s "
+                               f"({q.shape[-1]})", who)
+
+
+def _check_dropout(who, dropout_p):
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise _err(ValueError, f"dropout_p must be in [0, 1], got {dropout_p}", who)
 
 
 def _check_inputs(query, key, value, attn_mask, dropout_p):
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise _err(TypeError, f"{name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise _err(ValueError, f"{name} must have at least 2 dims (length, head dim), got "
-                                   f"shape {list(t.shape)}")
-        if not t.is_floating_point():
-            raise _err(TypeError, f"{name} must be floating point, got {t.dtype}")
-    if key.dtype != query.dtype or value.dtype != query.dtype:
-        raise _err(TypeError, f"query, key and value must have one dtype, got {query.dtype}, "
-                              f"{key.dtype} and {value.dtype}")
-    if key.device != query.device or value.device != query.device:
-        raise _err(ValueError, f"query, key and value must be on one device, got "
-                               f"{query.device}, {key.device} and {value.device}")
-    if key.shape[-1] != query.shape[-1]:
-        raise _err(ValueError, f"key's head dim ({key.shape[-1]}) must equal query's "
-                               f"({query.shape[-1]})")
+    _check_qkv(_WHO, ("query", "key", "value"), (query, key, value))
     if key.shape[-2] != value.shape[-2]:
         raise _err(ValueError, f"key and value must have the same length (dim -2), got "
                                f"{key.shape[-2]} and {value.shape[-2]}")
@@ -472,8 +445,7 @@ def _check_inputs(query, key, value, attn_mask, dropout_p):
         if attn_mask.device != query.device:
             raise _err(ValueError, f"attn_mask is on {attn_mask.device} but query is on "
                                    f"{query.device}")
-    if not 0.0 <= float(dropout_p) <= 1.0:
-        raise _err(ValueError, f"dropout_p must be in [0, 1], got {dropout_p}")
+    _check_dropout(_WHO, dropout_p)
 
 
 def _canonical(query, key, value, attn_mask, enable_gqa):
@@ -600,11 +572,11 @@ def _varlen_check_offsets(who, cu_seqlens_q, cu_seqlens_k, total_q, total_k, max
     for name, c, total, mx in (("cu_seqlens_q", cq, total_q, max_seqlen_q),
                                ("cu_seqlens_k", ck, total_k, max_seqlen_k)):
         if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
-            raise ValueError(f"{who}: {name} must start at 0, be non-decreasing and end at "
-                             f"{total} (the packed length), got {c}")
+            raise _err(ValueError, f"{name} must start at 0, be non-decreasing and end at "
+                                   f"{total} (the packed length), got {c}", who)
         if any(b - a > mx for a, b in zip(c, c[1:])):
-            raise ValueError(f"{who}: a sequence is longer than max_seqlen ({mx}) given for "
-                             f"{name}")
+            raise _err(ValueError, f"a sequence is longer than max_seqlen ({mx}) given for "
+                                   f"{name}", who)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -624,29 +596,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     run as device-side asserts instead).
     """
     who = "fastlm.varlen_attention"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 3:
-            raise ValueError(f"{who}: {name} must be a 3-D tensor (total, heads, head dim), got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{who}: {name} must be floating point, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"{who}: q, k and v must have one dtype, got {q.dtype}, {k.dtype} and "
-                        f"{v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"{who}: q, k and v must be on one device, got {q.device}, {k.device} "
-                         f"and {v.device}")
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"{who}: k's head dim ({k.shape[2]}) must equal q's ({q.shape[2]})")
+    _check_qkv(who, ("q", "k", "v"), (q, k, v), ndim=3)
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if (not isinstance(t, Tensor) or t.dim() != 1 or t.numel() < 1
                 or t.dtype not in (torch.int32, torch.int64)):
-            raise ValueError(f"{who}: {name} must be a 1-D int32/int64 tensor of n + 1 offsets")
+            raise _err(ValueError, f"{name} must be a 1-D int32/int64 tensor of n + 1 offsets",
+                       who)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"{who}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
-                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    if not 0.0 <= float(dropout_p) <= 1.0:
-        raise ValueError(f"{who}: dropout_p must be in [0, 1], got {dropout_p}")
+        raise _err(ValueError, f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                               f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}", who)
+    _check_dropout(who, dropout_p)
     dev = q.device
     # The offsets on q's device as int32, converted once; the kernels read them there.
     cu_q = cu_seqlens_q.to(device=dev, dtype=torch.int32)
@@ -654,20 +613,21 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     _varlen_check_offsets(who, cu_q, cu_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     if v.shape[0] != k.shape[0]:
-        raise ValueError(f"{who}: k and v must have the same total length, got {k.shape[0]} "
-                         f"and {v.shape[0]}")
+        raise _err(ValueError, f"k and v must have the same total length, got {k.shape[0]} "
+                               f"and {v.shape[0]}", who)
     hq, hk, hv = q.shape[1], k.shape[1], v.shape[1]
     if enable_gqa:
         if hk != hv or hk == 0 or hq % hk != 0:
-            raise ValueError(f"{who}: with enable_gqa=True the query heads ({hq}) must be a "
-                             f"multiple of the key heads ({hk}), and k and v must have the same "
-                             f"number of heads ({hv})")
+            raise _err(ValueError, f"with enable_gqa=True the query heads ({hq}) must be a "
+                                   f"multiple of the key heads ({hk}), and k and v must have "
+                                   f"the same number of heads ({hv})", who)
     elif not (hk == hv == hq or hk == hv == 1):
         if hq == 1 and hk == hv:
             q = q.expand(q.shape[0], hk, q.shape[2])
         else:
-            raise ValueError(f"{who}: q, k and v heads (dim 1: {hq}, {hk}, {hv}) must match or "
-                             "broadcast (set enable_gqa=True for grouped-query attention)")
+            raise _err(ValueError, f"q, k and v heads (dim 1: {hq}, {hk}, {hv}) must match or "
+                                   "broadcast (set enable_gqa=True for grouped-query attention)",
+                       who)
     if torch.is_autocast_enabled(dev.type) and q.dtype != torch.float64:
         dt = torch.get_autocast_dtype(dev.type)  # as scaled_dot_product_attention
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -683,8 +643,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     name = backends.select(who, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_varlen_kernel,
                            order=_VARLEN_ORDER.get(dev.type))
     if name != "torch" and (E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM):
-        raise ValueError(f"{who}: head dims must be at most {MAX_HEAD_DIM} on the {name} "
-                         f"backend, got q/k {E} and v {Ev} (the torch backend has no limit)")
+        raise _err(ValueError, f"head dims must be at most {MAX_HEAD_DIM} on the {name} "
+                               f"backend, got q/k {E} and v {Ev} (the torch backend has no "
+                               "limit)", who)
     if q.numel() == 0 or k.shape[0] == 0 or Ev == 0:
         name = "torch"
     rng = _new_rng(dev) if dropout_p > 0.0 else None

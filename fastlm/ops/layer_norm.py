@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ._common import lazy_triton_ops, register_autograd
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_N = 1 << 20  # the kernels' row-length limit (csrc/layer_norm.h kLayerNormMaxN)
@@ -79,17 +80,9 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fastlm.layer_norm does not support double backward (higher-order gradients): "
-        "run that computation with fastlm.use_backend('torch')")
-
-
-def _register(fwd_name, bwd_name, fwd_op, bwd_op):
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(bwd_name, _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+def _register(fwd_name, bwd_name, bwd_op):
+    register_autograd("fastlm.layer_norm", fwd_name, bwd_name, _make_backward(bwd_op),
+                      _setup_context)
 
 
 # C++ ops (fastlm._C): fake kernels and autograd. The schemas live in csrc/fastlm.cpp.
@@ -97,31 +90,30 @@ _C_OPS = False
 if hasattr(torch.ops.fastlm, "layer_norm_fwd"):
     torch.library.register_fake("fastlm::layer_norm_fwd")(_fake_fwd)
     torch.library.register_fake("fastlm::layer_norm_bwd")(_fake_bwd)
-    _register("fastlm::layer_norm_fwd", "fastlm::layer_norm_bwd",
-              torch.ops.fastlm.layer_norm_fwd, torch.ops.fastlm.layer_norm_bwd)
+    _register("fastlm::layer_norm_fwd", "fastlm::layer_norm_bwd", torch.ops.fastlm.layer_norm_bwd)
     _C_OPS = True
 
 
 # Triton ops: torch.library.triton_op so torch.compile sees through to the kernels.
-def _check_2d(input, weight, bias):
-    """The argument checks of the C++ kernels (csrc/layer_norm.h), for the Triton ops."""
-    torch._check(input.dim() == 2, lambda: "fastlm.layer_norm: input must be 2-D (rows, N)")
+def _check_2d(input, weight, bias, who="fastlm.layer_norm"):
+    """The argument checks of the C++ kernels (csrc/layer_norm.h), for the Triton ops (also
+    fastlm.add_layer_norm's: `who` names the op)."""
+    torch._check(input.dim() == 2, lambda: f"{who}: input must be 2-D (rows, N)")
     torch._check(input.dtype in KERNEL_DTYPES, lambda: (
-        f"fastlm.layer_norm: input must be float32, float16 or bfloat16, got {input.dtype}"))
+        f"{who}: input must be float32, float16 or bfloat16, got {input.dtype}"))
     torch._check(input.shape[1] <= MAX_N, lambda: (
-        f"fastlm.layer_norm: the normalized size is {input.shape[1]} elements but at most "
-        f"{MAX_N} are supported"))
+        f"{who}: the normalized size is {input.shape[1]} elements but at most {MAX_N} are "
+        "supported"))
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
             torch._check(p.shape == (input.shape[1],), lambda: (
-                f"fastlm.layer_norm: {name} must be 1-D with {input.shape[1]} elements"))
+                f"{who}: {name} must be 1-D with {input.shape[1]} elements"))
             torch._check(p.dtype in (input.dtype, torch.float32), lambda: (
-                f"fastlm.layer_norm: {name} must have the input's dtype or float32"))
+                f"{who}: {name} must have the input's dtype or float32"))
 
 
 def _register_triton_ops():
-    """Define the Triton custom ops. Deferred to first use: triton_op imports torch._inductor,
-    which would add about a second to `import fastlm`."""
+    """Define the Triton custom ops (on first use: see ops/_common.py)."""
     from torch.library import triton_op
 
     from ..kernels import layer_norm as tk
@@ -140,25 +132,11 @@ def _register_triton_ops():
         return tk.backward(grad_out, input, mean, rstd, weight, bias, weight_grad, bias_grad)
 
     _register("fastlm::layer_norm_fwd_triton", "fastlm::layer_norm_bwd_triton",
-              torch.ops.fastlm.layer_norm_fwd_triton, torch.ops.fastlm.layer_norm_bwd_triton)
+              torch.ops.fastlm.layer_norm_bwd_triton)
 
 
-_triton_registered = False
-
-
-def triton_ops_ready() -> bool:
-    """Registers the Triton ops once; then torch.ops.fastlm.layer_norm_{fwd,bwd}_triton exist.
-    torch.compile runs this at trace time (see below) instead of tracing the registration."""
-    global _triton_registered
-    if not _triton_registered:
-        _register_triton_ops()
-        _triton_registered = True
-    return True
-
-
-# What torch.compiler.assume_constant_result(triton_ops_ready) does, without importing
-# torch._dynamo (about a second) when fastlm is imported.
-triton_ops_ready._dynamo_marked_constant = True
+# Registers the Triton ops once; then torch.ops.fastlm.layer_norm_{fwd,bwd}_triton exist.
+triton_ops_ready = lazy_triton_ops(_register_triton_ops)
 
 
 # ---------------------------------------------------------------------------------------------
