@@ -18,13 +18,8 @@
 #include <vector>
 
 #include "../adam.h"
+#include "isa.h"  // FASTLM_CLONES, FASTLM_INLINE
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTLM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTLM_CLONES
-#endif
-#define FASTLM_INLINE inline __attribute__((always_inline))
 
 namespace fastlm {
 namespace {

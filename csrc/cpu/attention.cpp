@@ -64,16 +64,7 @@
 
 #include "../attention.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-// x86-64-v3 rather than plain "avx2": the micro-kernels need FMA, which -mavx2 does not enable.
-#define FASTLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTLM_CLONES __attribute__((target_clones("fma", "default")))  // GCC 10: no ISA levels
-#else
-#define FASTLM_CLONES
-#endif
-// Inner code must be inlined into each clone to be compiled for that clone's ISA.
-#define FASTLM_INLINE inline __attribute__((always_inline))
+#include "isa.h"  // FASTLM_CLONES, FASTLM_INLINE
 
 namespace fastlm {
 namespace {

@@ -23,14 +23,8 @@
 
 #include "../attention.h"  // Philox4x32-10 and the dropout threshold/scale (shared with attention)
 #include "../layer_norm.h"
+#include "isa.h"  // FASTLM_CLONES, FASTLM_INLINE
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTLM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTLM_CLONES
-#endif
-// The row code must be inlined into each clone to be compiled for that clone's ISA.
-#define FASTLM_INLINE inline __attribute__((always_inline))
 
 namespace fastlm {
 namespace {
