@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import add_layer_norm as _aln
 from .layer_norm import LayerNorm
 
 
@@ -93,9 +94,7 @@ def no_hooks(*modules):
 
 def add_norm(branch, residual, norm, drop):
     """(norm(residual + drop(branch)), residual + drop(branch)) in one fused kernel."""
-    from ..ops.add_layer_norm import add_layer_norm
-
-    return add_layer_norm(branch, residual, norm.normalized_shape, norm.weight, norm.bias,
+    return _aln.add_layer_norm(branch, residual, norm.normalized_shape, norm.weight, norm.bias,
                           norm.eps, drop.p if drop.training else 0.0)
 
 
