@@ -50,6 +50,14 @@ constexpr int kFinalThreads = 1024;
 
 // IEEE round-to-nearest float operations, denormals kept (no .ftz). Opaque to the compiler, so
 // --use_fast_math can neither approximate them nor contract a multiply and an add into an FMA.
+#if defined(FASTLM_CUDA_EMU)  // the CUDA emulator (tests/cuda_emu): IEEE float ops on the CPU
+__device__ __forceinline__ float f_mul(float a, float b) { return a * b; }
+__device__ __forceinline__ float f_add(float a, float b) { return a + b; }
+__device__ __forceinline__ float f_sub(float a, float b) { return a - b; }
+__device__ __forceinline__ float f_div(float a, float b) { return a / b; }
+__device__ __forceinline__ bool f_lt(float a, float b) { return a < b; }
+__device__ __forceinline__ float f_sqrt(float a) { return std::sqrt(a); }
+#else
 __device__ __forceinline__ float f_mul(float a, float b) {
   float r;
   asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
@@ -82,6 +90,7 @@ __device__ __forceinline__ float f_sqrt(float a) {
   asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
   return r;
 }
+#endif  // FASTLM_CUDA_EMU
 
 // N consecutive elements of T <-> floats, in accesses of at most 16 bytes (N * sizeof(T) may
 // be 32 bytes for float32 moments of 16-bit params; only 16-byte alignment is known).

@@ -112,7 +112,11 @@ struct AttnParams {
 };
 
 // ------------------------------------------------------------------------------------------
-// PTX wrappers.
+// PTX wrappers. The CUDA emulator (tests/cuda_emu) replaces them with its own definitions of
+// the same instructions, to run these kernels on a CPU.
+#if defined(FASTLM_CUDA_EMU)
+#include <fastlm_emu_ptx.h>
+#else
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -165,6 +169,7 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // FASTLM_CUDA_EMU
 
 // Two floats -> one .b32 of two 16-bit values, `lo` in the low half (the lower column index).
 template <typename T>

@@ -1,0 +1,171 @@
+"""The CUDA C++ attention kernels of csrc/cuda/attention.cu, run on the CPU by the CUDA emulator
+(tests/cuda_emu: one fiber per CUDA thread; cp.async, ldmatrix and mma.sync emulated from the
+PTX ISA's definitions), against the float64 oracle with the tolerance rule of conftest.py.
+
+This is how the CUDA backend's kernels are checked on a machine without a GPU: the host code
+(argument checks, mma_ready copies, grid and shared-memory sizes, dispatch on dtype and head
+dim) and every kernel (the bf16/f16 tensor-core kernels for padded head dims 64, 128 and 256,
+and the float32 SIMT kernels) run as written; only the PTX instructions and the CUDA runtime
+are stand-ins. What it cannot show is in tests/cuda_emu/include/fastlm_emu.h: timing, the
+hardware memory model between barriers, and what nvcc does (--use_fast_math's approximate
+exp2 among it). On a GPU the same cases run for real in test_attention.py.
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import FLOOR, _check_2x, randn
+from cuda_emu.build import load
+from fastlm.ops.attention import dropout_keep, dropout_scale
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return load()
+
+
+def _dt(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+class Case:
+    def __init__(self, name, B, Hq, Hk, L, S, E, Ev, *, mask=None, causal=False, p=0.0,
+                 view=None, empty_rows=()):
+        self.name, self.B, self.Hq, self.Hk = name, B, Hq, Hk
+        self.L, self.S, self.E, self.Ev = L, S, E, Ev
+        self.mask = mask  # None | "bool" | "float32" | "same" (the input's dtype)
+        self.causal, self.p, self.view = causal, p, view
+        self.empty_rows = empty_rows  # query rows the bool mask forbids entirely
+
+    def __repr__(self):
+        return self.name
+
+
+CASES = [
+    Case("d64", 2, 2, 2, 64, 64, 64, 64),
+    Case("odd-gqa-causal-l>s", 1, 4, 2, 70, 45, 40, 24, causal=True),
+    Case("causal-l<s-tiles", 1, 2, 2, 37, 130, 64, 64, causal=True),
+    Case("mqa-e128-ev136", 1, 4, 1, 33, 150, 128, 136),
+    Case("d256-causal", 1, 1, 1, 80, 70, 256, 256, causal=True),
+    Case("e8", 1, 2, 2, 20, 19, 8, 8),
+    Case("e72-ev48", 1, 2, 2, 66, 67, 72, 48),
+    Case("bool-mask-broadcast", 2, 2, 2, 50, 77, 64, 32, mask="bool", empty_rows=(3, 40)),
+    Case("float32-mask", 1, 2, 2, 65, 65, 32, 32, mask="float32"),
+    Case("same-dtype-mask-mqa", 1, 2, 1, 48, 90, 16, 16, mask="same"),
+    Case("dropout", 2, 2, 2, 40, 70, 64, 64, p=0.2),
+    Case("dropout-causal-gqa", 1, 4, 2, 70, 70, 32, 32, causal=True, p=0.5),
+    Case("dropout-d256-mask", 1, 1, 1, 33, 41, 200, 160, mask="bool", p=0.3, empty_rows=(5,)),
+    Case("strided-views", 2, 2, 2, 45, 52, 64, 64, view="strided"),
+    Case("many-tiles-causal", 1, 1, 1, 200, 300, 64, 64, causal=True),
+]
+
+
+def _inputs(case, dtype):
+    B, Hq, Hk, L, S = case.B, case.Hq, case.Hk, case.L, case.S
+    if case.view == "strided":  # q as (B, L, H, E) transposed; k, v with a row stride of 2E
+        q = randn((B, L, Hq, case.E), dtype, "cpu", seed=1).transpose(1, 2)
+        k = randn((B, Hk, 2 * S, case.E), dtype, "cpu", seed=2)[:, :, ::2]
+        v = randn((B, Hk, S, 2 * case.Ev), dtype, "cpu", seed=3)[..., : case.Ev]
+    else:
+        q = randn((B, Hq, L, case.E), dtype, "cpu", seed=1)
+        k = randn((B, Hk, S, case.E), dtype, "cpu", seed=2)
+        v = randn((B, Hk, S, case.Ev), dtype, "cpu", seed=3)
+    mask = None
+    g = torch.Generator().manual_seed(7)
+    if case.mask == "bool":  # (L, S) seen as (B, Hq, L, S): stride-0 batch and head dims
+        m = torch.rand((L, S), generator=g) < 0.7
+        for r in case.empty_rows:
+            m[r] = False
+        mask = m.expand(B, Hq, L, S)
+    elif case.mask is not None:
+        m = torch.randn((B, Hq, L, S), generator=g)
+        mask = m if case.mask == "float32" else m.to(dtype)
+    dout = randn((B, Hq, L, case.Ev), dtype, "cpu", seed=4)
+    return q, k, v, mask, dout
+
+
+def _oracle(q, k, v, mask, case, scale, keep):
+    """Attention in q's dtype with docs/attention.md's semantics: empty rows give zeros (and zero
+    gradients), dropout multiplies the probabilities by keep / (1 - p). Returns (out, lse)."""
+    hq, hk = q.shape[1], k.shape[1]
+    k, v = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    L, S = s.shape[-2:]
+    if case.causal:
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), -math.inf)
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    empty = torch.isinf(s).all(-1, keepdim=True)
+    lse = torch.logsumexp(s.masked_fill(empty, 0.0), -1).masked_fill(empty[..., 0], math.inf)
+    probs = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    if keep is not None:
+        probs = probs * (keep.to(probs.dtype) * dropout_scale(case.p))
+    return probs @ v, lse
+
+
+def _oracle_fwd_bwd(q, k, v, mask, dout, case, scale, keep, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    m = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
+    out, lse = _oracle(*leaves, m, case, scale, keep)
+    out.backward(dout.to(dtype))
+    return out.detach(), lse.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_dt)
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_forward_backward_against_float64(emu, case, dtype):
+    q, k, v, mask, dout = _inputs(case, dtype)
+    scale = 1 / math.sqrt(case.E)
+    rng, keep = None, None
+    if case.p > 0:
+        rng = torch.tensor([0x1234_5678_9ABC, 77], dtype=torch.int64)
+        keep = dropout_keep(rng, case.B, case.Hq, case.L, case.S, case.p)
+        assert 0 < keep.sum() < keep.numel()
+    out, lse = emu.attention_fwd(q, k, v, mask, rng, case.p, case.causal, scale)
+    dq, dk, dv = emu.attention_bwd(dout, q, k, v, out, lse, mask, rng, case.p, case.causal, scale)
+    assert out.shape == (case.B, case.Hq, case.L, case.Ev) and out.dtype == dtype
+    assert lse.shape == (case.B, case.Hq, case.L) and lse.dtype == torch.float32
+    for g, t in ((dq, q), (dk, k), (dv, v)):
+        assert g.shape == t.shape and g.dtype == dtype
+
+    o64, lse64, g64 = _oracle_fwd_bwd(q, k, v, mask, dout, case, scale, keep, torch.float64)
+    olo, lselo, glo = _oracle_fwd_bwd(q, k, v, mask, dout, case, scale, keep, dtype)
+    _, lse32, _ = _oracle_fwd_bwd(q, k, v, mask, dout, case, scale, keep, torch.float32)
+    live = torch.isfinite(lse64)
+    assert torch.equal(torch.isinf(lse), ~live), "lse is +inf exactly on the empty rows"
+    f, rep = FLOOR[dtype], math.sqrt(case.Hq // case.Hk)
+    results = [("out", out, o64, olo, f), ("lse", lse[live], lse64[live], lse32[live], 1e-5),
+               ("dq", dq, g64[0], glo[0], f), ("dk", dk, g64[1], glo[1], f * rep),
+               ("dv", dv, g64[2], glo[2], f * rep)]
+    failed = [msg for ok, _, _, msg in (_check_2x(*r[1:], r[0]) for r in results) if not ok]
+    assert not failed, "\n".join(failed)
+    if case.empty_rows:
+        rows = list(case.empty_rows)
+        assert torch.equal(out[:, :, rows], torch.zeros_like(out[:, :, rows]))
+        assert torch.equal(dq[:, :, rows], torch.zeros_like(dq[:, :, rows]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dt)
+def test_results_do_not_depend_on_the_thread_schedule(emu, dtype):
+    """Three fiber schedules (the emulator resumes threads in a seeded random order between
+    barriers) give the same bits: no result depends on a race between warps."""
+    case = Case("sched", 1, 4, 2, 70, 100, 64, 64, causal=True, p=0.25)
+    q, k, v, mask, dout = _inputs(case, dtype)
+    rng = torch.tensor([5, 6], dtype=torch.int64)
+    runs = []
+    for seed in (1, 2, 3):
+        emu.emu_seed(seed)
+        out, lse = emu.attention_fwd(q, k, v, None, rng, case.p, True, 0.125)
+        runs.append((out, lse) + tuple(
+            emu.attention_bwd(dout, q, k, v, out, lse, None, rng, case.p, True, 0.125)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_bad_head_dim_is_rejected_by_the_cuda_host_code(emu):
+    q = torch.zeros(1, 1, 4, 12, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        emu.attention_fwd(q, q, q, None, None, 0.0, False, 1.0)
