@@ -468,8 +468,7 @@ def _fwd_samples(device):
     return out
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skip(
-    reason="no CUDA C++ varlen kernel: on CUDA tensors varlen runs on the Triton kernels"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_varlen_opcheck_cpp_ops(device):
     need(device, device)
     opcheck_pair(torch.ops.fastlm.varlen_attention_fwd, torch.ops.fastlm.varlen_attention_bwd,

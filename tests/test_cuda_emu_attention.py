@@ -169,3 +169,96 @@ def test_bad_head_dim_is_rejected_by_the_cuda_host_code(emu):
     q = torch.zeros(1, 1, 4, 12, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="multiples of 8"):
         emu.attention_fwd(q, q, q, None, None, 0.0, False, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Varlen (packed sequences): the same kernels with per-sequence rows read from the offsets.
+def _varlen_params():
+    from test_attention_varlen import VARLEN
+
+    out = []
+    for name in VARLEN:
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            out.append(pytest.param(name, dt, (16, 24), 0.0, id=f"{name}-{_dt(dt)}-e16-ev24"))
+    out += [pytest.param("long", torch.bfloat16, (128, 128), 0.0, id="long-bfloat16-e128"),
+            pytest.param("causal-gqa", torch.float16, (200, 256), 0.0, id="causal-gqa-f16-d256"),
+            pytest.param("long", torch.float32, (72, 40), 0.0, id="long-float32-e72-ev40")]
+    for name, p in (("causal-gqa", 0.3), ("zero-length", 0.5), ("odd-mqa", 0.2)):
+        for dt in (torch.float32, torch.bfloat16):
+            out.append(pytest.param(name, dt, (16, 24), p, id=f"{name}-p{p}-{_dt(dt)}"))
+    return out
+
+
+@pytest.mark.parametrize("name,dtype,heads,p", _varlen_params())
+def test_varlen_against_float64(emu, name, dtype, heads, p):
+    """varlen_attention_fwd/bwd on the emulated CUDA kernels: the padded dense problem written
+    out in float64 with the contract's keep bits (test_attention_varlen's oracle), the tolerance
+    rule; sequences with no keys give zeros, keys of empty query sequences get zero grads."""
+    from test_attention_varlen import VARLEN, _packed, _padded_math
+
+    cfg = VARLEN[name]
+    q, k, v, cu_q, cu_k = _packed(cfg, dtype, "cpu", e=heads[0], ev=heads[1])
+    n, L, S = len(cfg["lq"]), max(cfg["lq"]), max(cfg["lk"])
+    scale = 1 / math.sqrt(heads[0])
+    rng = torch.tensor([2024, 11], dtype=torch.int64) if p > 0 else None
+    keep = (dropout_keep(rng, n, cfg["hq"], L, S, p) if p > 0
+            else torch.ones(n, cfg["hq"], L, S, dtype=torch.bool))
+    dout = randn((q.shape[0], cfg["hq"], heads[1]), dtype, "cpu", seed=4)
+    out, lse = emu.varlen_attention_fwd(q, k, v, cu_q, cu_k, L, S, rng, p, cfg["causal"], scale)
+    dq, dk, dv = emu.varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, L, S, rng, p,
+                                          cfg["causal"], scale)
+    assert out.shape == (q.shape[0], cfg["hq"], heads[1]) and lse.shape == (cfg["hq"], q.shape[0])
+
+    def oracle(dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o = _padded_math(cfg, keep, p, scale)(*leaves)
+        o.backward(dout.to(dt))
+        return [o.detach()] + [t.grad for t in leaves]
+
+    ora, low = oracle(torch.float64), oracle(dtype)
+    f, rep = FLOOR[dtype], math.sqrt(cfg["hq"] // cfg["hk"])
+    floors = (f, f, f * rep, f * rep)
+    failed = [msg for name_, got, o, lo, fl in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv),
+                                                   ora, low, floors)
+              for ok, _, _, msg in [_check_2x(got, o, lo, fl, name_)] if not ok]
+    assert not failed, "\n".join(failed)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i, (a, b) in enumerate(zip(cfg["lq"], cfg["lk"])):
+        if b == 0:
+            rows = slice(cq[i], cq[i + 1])
+            assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+            assert torch.isinf(lse[:, rows]).all()
+        if a == 0:
+            for t in (dk[ck[i]:ck[i + 1]], dv[ck[i]:ck[i + 1]]):
+                assert torch.equal(t, torch.zeros_like(t))
+
+
+def test_varlen_equals_dense_on_one_sequence(emu):
+    """One sequence: varlen's kernels give the dense kernels' bits (same tiles, same order)."""
+    q = randn((1, 2, 77, 64), torch.bfloat16, "cpu", seed=1)
+    k = randn((1, 2, 90, 64), torch.bfloat16, "cpu", seed=2)
+    v = randn((1, 2, 90, 64), torch.bfloat16, "cpu", seed=3)
+    dout = randn((1, 2, 77, 64), torch.bfloat16, "cpu", seed=4)
+    rng = torch.tensor([3, 4], dtype=torch.int64)
+    out, lse = emu.attention_fwd(q, k, v, None, rng, 0.1, True, 0.125)
+    grads = emu.attention_bwd(dout, q, k, v, out, lse, None, rng, 0.1, True, 0.125)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v, dout)]
+    cu_q, cu_k = torch.tensor([0, 77], dtype=torch.int32), torch.tensor([0, 90], dtype=torch.int32)
+    vout, vlse = emu.varlen_attention_fwd(*packed[:3], cu_q, cu_k, 77, 90, rng, 0.1, True, 0.125)
+    vgrads = emu.varlen_attention_bwd(packed[3], *packed[:3], vout, vlse, cu_q, cu_k, 77, 90, rng,
+                                      0.1, True, 0.125)
+    assert torch.equal(vout, out[0].transpose(0, 1))
+    assert torch.equal(vlse, lse[0])
+    for g, vg in zip(grads, vgrads):
+        assert torch.equal(vg, g[0].transpose(0, 1))
+
+
+def test_varlen_inconsistent_offsets_stay_in_bounds(emu):
+    """Offsets past the packed length (which the Python face rejects) are clamped by the
+    kernels: the call completes and every row it computes is finite."""
+    q = randn((10, 2, 16), torch.float16, "cpu", seed=1)
+    k = randn((12, 2, 16), torch.float16, "cpu", seed=2)
+    cu_q = torch.tensor([0, 4, 50], dtype=torch.int32)   # ends past 10
+    cu_k = torch.tensor([0, 30, 12], dtype=torch.int32)  # decreasing, past 12
+    out, lse = emu.varlen_attention_fwd(q, k, k, cu_q, cu_k, 64, 64, None, 0.0, False, 0.25)
+    assert torch.isfinite(out[:4]).all()

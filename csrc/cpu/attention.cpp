@@ -1131,28 +1131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 // ---------------------------------------------------------------------------------------------
 // Varlen entry points: the packed q (total_q, Hq, E), k (total_k, Hk, E), v (total_k, Hk, Ev)
 // run as the dense problem's views (1, H, total, dim) with per-sequence rows (Problem).
-at::Tensor as_4d(const at::Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
-
-void varlen_check(const char* who, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& cu_q, const at::Tensor& cu_k,
-                  const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, who,
-              ": q, k and v must be 3-D (total, heads, head dim), got ", q.dim(), "-D, ", k.dim(),
-              "-D and ", v.dim(), "-D");
-  for (const at::Tensor* cu : {&cu_q, &cu_k}) {
-    const char* name = cu == &cu_q ? "cu_seqlens_q" : "cu_seqlens_k";
-    TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 1 &&
-                    (cu->scalar_type() == at::kInt || cu->scalar_type() == at::kLong),
-                who, ": ", name, " must be a 1-D int32/int64 tensor of n + 1 offsets, got ",
-                cu->scalar_type(), " of shape ", cu->sizes());
-    TORCH_CHECK(cu->device() == q.device(), who, ": ", name, " is on ", cu->device(),
-                " but q is on ", q.device());
-  }
-  TORCH_CHECK(cu_q.numel() == cu_k.numel(), who,
-              ": cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_q.numel(),
-              " and ", cu_k.numel());
-  attn_check_fwd(who, as_4d(q), as_4d(k), as_4d(v), std::nullopt, rng, dropout_p, is_causal);
-}
+// as_4d and varlen_check are in attention.h (shared with the CUDA backend).
 
 // Checks the offsets (start at 0, non-decreasing, end at the packed length, no sequence
 // longer than its max_seqlen) on the host and returns them as int32 with the longest lengths.
@@ -1231,16 +1210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     const at::Tensor& cu_k, int64_t max_q, int64_t max_k, const std::optional<at::Tensor>& rng,
     double dropout_p, bool is_causal, double scale) {
   const char* who = "fastlm.varlen_attention_bwd";
-  varlen_check(who, q, k, v, cu_q, cu_k, rng, dropout_p, is_causal);
-  const int64_t Tq = q.size(0), Hq = q.size(1), Ev = v.size(2);
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == Tq && grad_out.size(1) == Hq &&
-                  grad_out.size(2) == Ev && out.dim() == 3 && out.sizes() == grad_out.sizes(),
-              who, ": grad_out and out must have shape (", Tq, ", ", Hq, ", ", Ev, "), got ",
-              grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == Hq && lse.size(1) == Tq, who,
-              ": lse must have shape (", Hq, ", ", Tq, "), got ", lse.sizes());
-  attn_check_bwd(who, as_4d(grad_out), as_4d(q), as_4d(k), as_4d(v), as_4d(out),
-                 lse.unsqueeze(0), std::nullopt, rng, dropout_p, is_causal);
+  varlen_check_bwd(who, grad_out, q, k, v, out, lse, cu_q, cu_k, rng, dropout_p, is_causal);
   const Varlen V = make_varlen(who, q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p,
                                is_causal, scale);
   return run_bwd(who, V.P, grad_out, q, k, v, out, lse);

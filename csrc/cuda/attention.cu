@@ -106,6 +106,17 @@ struct AttnParams {
   float drop_scale;    // r = 65536 / (65536 - thresh), 1 without dropout
   int B, Hq, Hk, L, S, E, Ev;
   int nchunk;          // output-column chunks per (batch, head) in the grid's x dimension
+  // Varlen (packed sequences, varlen_attention_*): cu_q / cu_k are the (B + 1) int32 offsets of
+  // the sequences' rows in q (out, lse, dq) and in k, v (dk, dv), Tq / Tk the packed lengths;
+  // null for the dense problem. L and S are then the longest lengths (the grid's); each block
+  // reads its own sequence's (seq_of).
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int Tq, Tk;
+  // Output indexing, in rows (times Ev or E for elements): (b, h, i) of out / dq is row
+  // b * or_b + h * or_h + (q0 + i) * or_l; of lse / delta, b * lr_b + h * lr_h + q0 + i; (b, hk,
+  // j) of dk / dv is row b * kr_b + hk * kr_h + (k0 + j) * kr_l (q0 = k0 = 0 when dense).
+  int64_t or_b, or_h, or_l, lr_b, lr_h, kr_b, kr_h, kr_l;
   float scale;         // multiplies Q K^T
   float scale_log2;    // scale * log2(e): the scores are kept as base-2 logits
   bool causal;
@@ -233,14 +244,37 @@ __device__ __forceinline__ MaskView mask_view(const AttnParams& p, int b, int h)
   return MaskView{p.mask, p.mask_kind, b * p.m_sb + h * p.m_sh, p.m_sl, p.m_ss};
 }
 
+// The problem of batch b: dense, the whole (L, S); varlen, sequence b's rows. The offsets are
+// clamped into the packed lengths, so even inconsistent ones read and write in bounds.
+struct Seq {
+  int L, S;    // query and key counts
+  int q0, k0;  // first packed row (0 when dense)
+};
+__device__ __forceinline__ Seq seq_of(const AttnParams& p, int b) {
+  if (p.cu_q == nullptr) return Seq{p.L, p.S, 0, 0};
+  const int q0 = min(max(p.cu_q[b], 0), p.Tq), q1 = min(max(p.cu_q[b + 1], q0), p.Tq);
+  const int k0 = min(max(p.cu_k[b], 0), p.Tk), k1 = min(max(p.cu_k[b + 1], k0), p.Tk);
+  return Seq{q1 - q0, k1 - k0, q0, k0};
+}
+// Row 0 of (b, h) in out / dq (next rows every or_l), in lse / delta, and of (b, hk) in dk / dv.
+__device__ __forceinline__ int64_t out_row(const AttnParams& p, int b, int h, const Seq& sq) {
+  return b * p.or_b + h * p.or_h + int64_t(sq.q0) * p.or_l;
+}
+__device__ __forceinline__ int64_t lse_row(const AttnParams& p, int b, int h, const Seq& sq) {
+  return b * p.lr_b + h * p.lr_h + sq.q0;
+}
+__device__ __forceinline__ int64_t kv_row_of(const AttnParams& p, int b, int hk, const Seq& sq) {
+  return b * p.kr_b + hk * p.kr_h + int64_t(sq.k0) * p.kr_l;
+}
+
 // Base-2 logit of element (i, j) given its raw dot product: scale * qk + mask, times log2(e);
 // -inf outside [0, L) x [0, S), above the causal diagonal, or where the mask forbids it.
 // `edge` is false only for tiles where none of that can happen (then it is a plain multiply).
-__device__ __forceinline__ float logit2(const AttnParams& p, const MaskView& mv, bool edge,
-                                        float qk, int i, int j) {
+__device__ __forceinline__ float logit2(const AttnParams& p, int L, int S, const MaskView& mv,
+                                        bool edge, float qk, int i, int j) {
   float s = qk * p.scale_log2;
   if (edge) {
-    if (i >= p.L || j >= p.S || (p.causal && j > i)) {
+    if (i >= L || j >= S || (p.causal && j > i)) {
       s = -INFINITY;
     } else if (mv.kind != kMaskNone) {
       s += kLog2e * mv.at(i, j);
@@ -399,27 +433,30 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma(const __grid_constant__
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int chunk = blockIdx.x % p.nchunk, bh = blockIdx.x / p.nchunk;
   const int b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hk);
+  const Seq sq = seq_of(p, b);
+  const int L = sq.L, S = sq.S;
   const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;  // heaviest (causal) blocks first
+  if (m0 >= L) return;  // varlen: past the end of this (shorter) sequence
   const int c0 = chunk * DC;                          // first output column of this block
   const int E16 = (p.E + 15) & ~15, Ev16 = (p.Ev + 15) & ~15;
   const int vend = min(c0 + DC, Ev16);
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sq.q0 * p.q_sl;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + sq.k0 * p.k_sl;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + sq.k0 * p.v_sl;
   // Keys the block can see: all, or with causal j <= i < min(L, m0 + BM).
-  const int n_end = p.causal ? min(p.S, min(p.L, m0 + BM)) : p.S;
+  const int n_end = p.causal ? min(S, min(L, m0 + BM)) : S;
   const int ntiles = (n_end + BN - 1) / BN;
 
   auto load_kv = [&](int tile) {
     T* sK = sKV + (tile % ST) * 2 * BN * SROW;
     T* sV = sK + BN * SROW;
     const int n0 = tile * BN;  // < n_end <= S: row 0 of the tile is valid
-    load_tile<BN, SROW>(sK, kg + n0 * p.k_sl, p.k_sl, p.S - n0, 0, E16, p.E);
-    load_tile<BN, SROW>(sV, vg + n0 * p.v_sl, p.v_sl, p.S - n0, c0, vend, p.Ev);
+    load_tile<BN, SROW>(sK, kg + n0 * p.k_sl, p.k_sl, S - n0, 0, E16, p.E);
+    load_tile<BN, SROW>(sV, vg + n0 * p.v_sl, p.v_sl, S - n0, c0, vend, p.Ev);
   };
 
   // Prologue: Q and tiles 0 .. ST-2, one commit group each (Q rides with tile 0).
-  load_tile<BM, SROW>(sQ, qg + m0 * p.q_sl, p.q_sl, p.L - m0, 0, E16, p.E);
+  load_tile<BM, SROW>(sQ, qg + m0 * p.q_sl, p.q_sl, L - m0, 0, E16, p.E);
 #pragma unroll
   for (int s = 0; s < ST - 1; ++s) {
     if (s < ntiles) load_kv(s);
@@ -477,12 +514,12 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma(const __grid_constant__
 
     // Scale, mask, online softmax. The tile needs per-element masking when it has keys >= S,
     // crosses the causal diagonal of this block, or a mask is given.
-    const bool edge = p.mask_kind != kMaskNone || n0 + BN > p.S || (p.causal && n0 + BN - 1 > m0);
+    const bool edge = p.mask_kind != kMaskNone || n0 + BN > S || (p.causal && n0 + BN - 1 > m0);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        s[nt][e] = logit2(p, mv, edge, s[nt][e], row0 + g + 8 * (e >> 1), n0 + 8 * nt + 2 * t + (e & 1));
+        s[nt][e] = logit2(p, L, S, mv, edge, s[nt][e], row0 + g + 8 * (e >> 1), n0 + 8 * nt + 2 * t + (e & 1));
 
     float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
@@ -549,28 +586,30 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma(const __grid_constant__
     const float l = quad_sum(l_run[r]);
     mul[r] = l > 0.f ? drop.scale / l : 0.f;
     const int row = row0 + g + 8 * r;
-    if (chunk == 0 && t == 0 && row < p.L)
-      p.lse[int64_t(bh) * p.L + row] = l > 0.f ? m_run[r] * kLn2 + logf(l) : INFINITY;
+    if (chunk == 0 && t == 0 && row < L)
+      p.lse[lse_row(p, b, h, sq) + row] = l > 0.f ? m_run[r] * kLn2 + logf(l) : INFINITY;
   }
-  T* og = static_cast<T*>(p.out) + int64_t(bh) * p.L * p.Ev;
-  store_acc<T, DC>(og, p.Ev, acc, row0, p.L, c0, p.Ev, mul[0], mul[1], lane);
+  T* og = static_cast<T*>(p.out) + out_row(p, b, h, sq) * p.Ev;
+  store_acc<T, DC>(og, p.or_l * p.Ev, acc, row0, L, c0, p.Ev, mul[0], mul[1], lane);
 }
 
 // ------------------------------------------------------------------------------------------
 // Backward preprocess: D_i = sum_e dO_ie * O_ie in float32 (out contiguous). One warp per row.
+// Dense: row = (b * Hq + h) * L + i of out (B, Hq, L, Ev) and delta (B, Hq, L). Packed (varlen,
+// L = total_q): row = h * L + i of delta (Hq, total_q); out is (total_q, Hq, Ev).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_delta(const T* __restrict dout, int64_t sb, int64_t sh, int64_t sl,
                    const T* __restrict out, float* __restrict delta, int Hq, int L, int Ev,
-                   int64_t rows) {
+                   int64_t rows, bool packed) {
   const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   if (row >= rows) return;
   const int lane = threadIdx.x & 31;
   const int64_t bh = row / L;
   const int i = int(row - bh * L);
-  const int64_t b = bh / Hq, h = bh - b * Hq;
+  const int64_t b = packed ? 0 : bh / Hq, h = bh - b * Hq;
   const T* d = dout + b * sb + h * sh + i * sl;
-  const T* o = out + row * Ev;
+  const T* o = out + (packed ? int64_t(i) * Hq + h : row) * Ev;
   float acc = 0.f;
   for (int e = lane; e < Ev; e += 32) acc += to_f(d[e]) * to_f(o[e]);
   acc = warp_sum(acc);
@@ -598,30 +637,33 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma(const __grid_const
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int chunk = blockIdx.x % p.nchunk, bhk = blockIdx.x / p.nchunk;
   const int b = bhk / p.Hk, hk = bhk - b * p.Hk;
+  const Seq sq = seq_of(p, b);
+  const int L = sq.L, S = sq.S;
   const int G = p.Hq / p.Hk;  // query heads per key/value head
   const int n0 = blockIdx.y * BN;  // heaviest (causal) blocks first
+  if (n0 >= S) return;  // varlen: past the end of this (shorter) sequence
   const int c0 = chunk * DC;
   const int E16 = (p.E + 15) & ~15, Ev16 = (p.Ev + 15) & ~15;
   // Query tiles: causal needs i >= j >= n0, so start at the tile holding query n0.
   const int mt_begin = p.causal ? n0 / BM : 0;
-  const int mt_end = (p.L + BM - 1) / BM;
+  const int mt_end = (L + BM - 1) / BM;
   const int nmt = max(0, mt_end - mt_begin);
   const int niter = G * nmt;  // iteration it: head hk*G + it / nmt, query tile mt_begin + it % nmt
 
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + n0 * p.k_sl;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + n0 * p.v_sl;
-  load_tile<BN, SROW>(sK, kg, p.k_sl, p.S - n0, 0, E16, p.E);
-  load_tile<BN, SROW>(sV, vg, p.v_sl, p.S - n0, 0, Ev16, p.Ev);
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + sq.k0 * p.k_sl + n0 * p.k_sl;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + sq.k0 * p.v_sl + n0 * p.v_sl;
+  load_tile<BN, SROW>(sK, kg, p.k_sl, S - n0, 0, E16, p.E);
+  load_tile<BN, SROW>(sV, vg, p.v_sl, S - n0, 0, Ev16, p.Ev);
 
   auto load_qdo = [&](int it) {
     const int hh = it / nmt, mt = mt_begin + (it - hh * nmt);
     const int h = hk * G + hh, m0 = mt * BM;  // m0 < L: row 0 of the tile is valid
     T* sQ = sQdO + (it % ST) * 2 * BM * SROW;
     T* sdO = sQ + BM * SROW;
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + m0 * p.q_sl;
-    const T* dg = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + m0 * p.do_sl;
-    load_tile<BM, SROW>(sQ, qg, p.q_sl, p.L - m0, 0, E16, p.E);
-    load_tile<BM, SROW>(sdO, dg, p.do_sl, p.L - m0, 0, Ev16, p.Ev);
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sq.q0 * p.q_sl + m0 * p.q_sl;
+    const T* dg = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sq.q0 * p.do_sl + m0 * p.do_sl;
+    load_tile<BM, SROW>(sQ, qg, p.q_sl, L - m0, 0, E16, p.E);
+    load_tile<BM, SROW>(sdO, dg, p.do_sl, L - m0, 0, Ev16, p.Ev);
   };
   // Prologue: K, V and (Q, dO) tiles 0 .. ST-2, one commit group each (K, V ride with tile 0).
 #pragma unroll
@@ -694,8 +736,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma(const __grid_const
 
     // Element (nt, e): key j = k0 + g + 8 * (e >> 1), query i = m0 + 8 * nt + 2t + (e & 1).
     const MaskView mv = mask_view(p, b, h);
-    const bool edge = p.mask_kind != kMaskNone || n0 + BN > p.S ||
-                      (p.causal && n0 + BN - 1 > m0) || m0 + BM > p.L;
+    const bool edge = p.mask_kind != kMaskNone || n0 + BN > S ||
+                      (p.causal && n0 + BN - 1 > m0) || m0 + BM > L;
     KeepCols<NTQ> kb;
     if (drop.on) kb.make(drop, uint32_t(bh), m0, k0, lane);
 #pragma unroll
@@ -703,14 +745,14 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma(const __grid_const
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int i = m0 + 8 * nt + 2 * t + c;
-        const bool in = i < p.L;
-        const float lse2 = in ? p.lse[int64_t(bh) * p.L + i] * kLog2e : INFINITY;
-        const float dlt = in ? p.delta[int64_t(bh) * p.L + i] : 0.f;
+        const bool in = i < L;
+        const float lse2 = in ? p.lse[lse_row(p, b, h, sq) + i] * kLog2e : INFINITY;
+        const float dlt = in ? p.delta[lse_row(p, b, h, sq) + i] : 0.f;
 #pragma unroll
         for (int rh = 0; rh < 2; ++rh) {
           const int e = 2 * rh + c;
           const int j = k0 + g + 8 * rh;
-          const float pr = exp2f(logit2(p, mv, edge, st[nt][e], i, j) - lse2);
+          const float pr = exp2f(logit2(p, L, S, mv, edge, st[nt][e], i, j) - lse2);
           float dp = dpt[nt][e];
           float pz = pr;
           if (drop.on) {
@@ -758,10 +800,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma(const __grid_const
   }
   cp_async_wait<0>();  // niter == 0 still issued K and V
 
-  const int64_t kv_row = int64_t(bhk) * p.S;  // (b, hk) row block of dK / dV
-  store_acc<T, DC>(static_cast<T*>(p.dv) + kv_row * p.Ev, p.Ev, dv, k0, p.S, c0, p.Ev,
+  const int64_t kv_row = kv_row_of(p, b, hk, sq);  // row 0 of (b, hk) in dK / dV
+  store_acc<T, DC>(static_cast<T*>(p.dv) + kv_row * p.Ev, p.kr_l * p.Ev, dv, k0, S, c0, p.Ev,
                    drop.scale, drop.scale, lane);
-  store_acc<T, DC>(static_cast<T*>(p.dk) + kv_row * p.E, p.E, dk, k0, p.S, c0, p.E, p.scale,
+  store_acc<T, DC>(static_cast<T*>(p.dk) + kv_row * p.E, p.kr_l * p.E, dk, k0, S, c0, p.E, p.scale,
                    p.scale, lane);
 }
 
@@ -780,26 +822,29 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma(const __grid_constan
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int chunk = blockIdx.x % p.nchunk, bh = blockIdx.x / p.nchunk;
   const int b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hk);
+  const Seq sq = seq_of(p, b);
+  const int L = sq.L, S = sq.S;
   const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
+  if (m0 >= L) return;  // varlen: past the end of this (shorter) sequence
   const int c0 = chunk * DC;
   const int E16 = (p.E + 15) & ~15, Ev16 = (p.Ev + 15) & ~15;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  const int n_end = p.causal ? min(p.S, min(p.L, m0 + BM)) : p.S;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + sq.k0 * p.k_sl;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + sq.k0 * p.v_sl;
+  const int n_end = p.causal ? min(S, min(L, m0 + BM)) : S;
   const int ntiles = (n_end + BN - 1) / BN;
 
   auto load_kv = [&](int tile) {
     T* sK = sKV + (tile % ST) * 2 * BN * SROW;
     T* sV = sK + BN * SROW;
     const int n0 = tile * BN;
-    load_tile<BN, SROW>(sK, kg + n0 * p.k_sl, p.k_sl, p.S - n0, 0, E16, p.E);
-    load_tile<BN, SROW>(sV, vg + n0 * p.v_sl, p.v_sl, p.S - n0, 0, Ev16, p.Ev);
+    load_tile<BN, SROW>(sK, kg + n0 * p.k_sl, p.k_sl, S - n0, 0, E16, p.E);
+    load_tile<BN, SROW>(sV, vg + n0 * p.v_sl, p.v_sl, S - n0, 0, Ev16, p.Ev);
   };
   {
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + m0 * p.q_sl;
-    const T* dg = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + m0 * p.do_sl;
-    load_tile<BM, SROW>(sQ, qg, p.q_sl, p.L - m0, 0, E16, p.E);
-    load_tile<BM, SROW>(sdO, dg, p.do_sl, p.L - m0, 0, Ev16, p.Ev);
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sq.q0 * p.q_sl + m0 * p.q_sl;
+    const T* dg = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sq.q0 * p.do_sl + m0 * p.do_sl;
+    load_tile<BM, SROW>(sQ, qg, p.q_sl, L - m0, 0, E16, p.E);
+    load_tile<BM, SROW>(sdO, dg, p.do_sl, L - m0, 0, Ev16, p.Ev);
   }
 #pragma unroll
   for (int s = 0; s < ST - 1; ++s) {
@@ -818,9 +863,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma(const __grid_constan
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = row0 + g + 8 * r;
-    const bool in = i < p.L;
-    lse2[r] = in ? p.lse[int64_t(bh) * p.L + i] * kLog2e : INFINITY;
-    dlt[r] = in ? p.delta[int64_t(bh) * p.L + i] : 0.f;
+    const bool in = i < L;
+    lse2[r] = in ? p.lse[lse_row(p, b, h, sq) + i] * kLog2e : INFINITY;
+    dlt[r] = in ? p.delta[lse_row(p, b, h, sq) + i] : 0.f;
   }
 
   float dq[DC / 8][4];
@@ -875,7 +920,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma(const __grid_constan
       }
     }
 
-    const bool edge = p.mask_kind != kMaskNone || n0 + BN > p.S || (p.causal && n0 + BN - 1 > m0);
+    const bool edge = p.mask_kind != kMaskNone || n0 + BN > S || (p.causal && n0 + BN - 1 > m0);
     KeepRows<NT> kb;
     if (drop.on) kb.make(drop, uint32_t(bh), row0, n0, lane);
 #pragma unroll
@@ -883,7 +928,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma(const __grid_constan
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = row0 + g + 8 * (e >> 1), j = n0 + 8 * nt + 2 * t + (e & 1);
-        const float pr = exp2f(logit2(p, mv, edge, s[nt][e], i, j) - lse2[e >> 1]);
+        const float pr = exp2f(logit2(p, L, S, mv, edge, s[nt][e], i, j) - lse2[e >> 1]);
         float d = dp[nt][e];
         if (drop.on) d = kb.keep(nt, e, t) ? d * drop.scale : 0.f;
         s[nt][e] = pr * (d - dlt[e >> 1]);  // dS
@@ -911,8 +956,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma(const __grid_constan
   }
   cp_async_wait<0>();
 
-  T* dst = static_cast<T*>(p.dq) + int64_t(bh) * p.L * p.E;
-  store_acc<T, DC>(dst, p.E, dq, row0, p.L, c0, p.E, p.scale, p.scale, lane);
+  T* dst = static_cast<T*>(p.dq) + out_row(p, b, h, sq) * p.E;
+  store_acc<T, DC>(dst, p.or_l * p.E, dq, row0, L, c0, p.E, p.scale, p.scale, lane);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -954,16 +999,19 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_f32(const __grid_constant__
   float* sV = sK + kFTile * KS;                    // [32][Ev]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hk);
+  const Seq sq = seq_of(p, b);
+  const int L = sq.L, S = sq.S;
   const int m0 = (gridDim.y - 1 - blockIdx.y) * kFRows;
+  if (m0 >= L) return;  // varlen: past the end of this (shorter) sequence
   const int i0 = m0 + warp * kFR;  // this warp's rows i0 .. i0 + 3
-  const float* qg = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const float* qg = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh + sq.q0 * p.q_sl;
+  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + hk * p.k_sh + sq.k0 * p.k_sl;
+  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + hk * p.v_sh + sq.k0 * p.v_sl;
   for (int idx = threadIdx.x; idx < kFRows * E; idx += kThreads) {
     const int r = idx / E, e = idx - r * E, i = m0 + r;
-    sQ[idx] = i < p.L ? qg[i * p.q_sl + e] : 0.f;
+    sQ[idx] = i < L ? qg[i * p.q_sl + e] : 0.f;
   }
-  const int n_end = p.causal ? min(p.S, min(p.L, m0 + kFRows)) : p.S;
+  const int n_end = p.causal ? min(S, min(L, m0 + kFRows)) : S;
   const int ntiles = (n_end + kFTile - 1) / kFTile;
   const MaskView mv = mask_view(p, b, h);
   const Dropout drop = load_dropout(p);
@@ -985,11 +1033,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_f32(const __grid_constant__
     __syncthreads();  // the previous tile is consumed (and sQ is written, first time)
     for (int idx = threadIdx.x; idx < kFTile * E; idx += kThreads) {
       const int r = idx / E, e = idx - r * E, j = n0 + r;
-      sK[r * KS + e] = j < p.S ? kg[j * p.k_sl + e] : 0.f;
+      sK[r * KS + e] = j < S ? kg[j * p.k_sl + e] : 0.f;
     }
     for (int idx = threadIdx.x; idx < kFTile * Ev; idx += kThreads) {
       const int r = idx / Ev, e = idx - r * Ev, j = n0 + r;
-      sV[idx] = j < p.S ? vg[j * p.v_sl + e] : 0.f;
+      sV[idx] = j < S ? vg[j * p.v_sl + e] : 0.f;
     }
     __syncthreads();
 
@@ -1002,14 +1050,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_f32(const __grid_constant__
       for (int r = 0; r < kFR; ++r) s[r] = fmaf(qr[r * E + e], kv, s[r]);
     }
     const int j = n0 + lane;
-    const bool edge = p.mask_kind != kMaskNone || n0 + kFTile > p.S ||
+    const bool edge = p.mask_kind != kMaskNone || n0 + kFTile > S ||
                       (p.causal && n0 + kFTile - 1 > i0);
     bool keep[kFR] = {true, true, true, true};
     if (drop.on) f32_keep_rows(drop, uint32_t(bh), i0, n0, lane, keep);
     float pr[kFR];
 #pragma unroll
     for (int r = 0; r < kFR; ++r) {
-      const float s2 = logit2(p, mv, edge, s[r], i0 + r, j);
+      const float s2 = logit2(p, L, S, mv, edge, s[r], i0 + r, j);
       const float mx = fmaxf(warp_max(s2), m_run[r]);
       const float base = mx == -INFINITY ? 0.f : mx;
       const float alpha = exp2f(m_run[r] - base);
@@ -1042,16 +1090,16 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_f32(const __grid_constant__
   for (int r = 0; r < kFR; ++r) {
     const int i = i0 + r;
     const float l = warp_sum(l_run[r]);
-    if (i >= p.L) continue;
+    if (i >= L) continue;
     const float mul = l > 0.f ? drop.scale / l : 0.f;
-    float* o = static_cast<float*>(p.out) + (int64_t(bh) * p.L + i) * Ev;
+    float* o = static_cast<float*>(p.out) + (out_row(p, b, h, sq) + i * p.or_l) * Ev;
 #pragma unroll
     for (int c = 0; c < kFCols; ++c) {
       const int e = lane + 32 * c;
       if (e < Ev) o[e] = acc[r][c] * mul;
     }
     if (lane == 0)
-      p.lse[int64_t(bh) * p.L + i] = l > 0.f ? m_run[r] * kLn2 + logf(l) : INFINITY;
+      p.lse[lse_row(p, b, h, sq) + i] = l > 0.f ? m_run[r] * kLn2 + logf(l) : INFINITY;
   }
 }
 
@@ -1064,21 +1112,24 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_f32(const __grid_constan
   float* sV = sK + kFTile * KS;                    // [32][Ev + 1]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hk);
+  const Seq sq = seq_of(p, b);
+  const int L = sq.L, S = sq.S;
   const int m0 = (gridDim.y - 1 - blockIdx.y) * kFRows;
+  if (m0 >= L) return;  // varlen: past the end of this (shorter) sequence
   const int i0 = m0 + warp * kFR;
-  const float* qg = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const float* dg = static_cast<const float*>(p.dout) + b * p.do_sb + h * p.do_sh;
-  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const float* qg = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh + sq.q0 * p.q_sl;
+  const float* dg = static_cast<const float*>(p.dout) + b * p.do_sb + h * p.do_sh + sq.q0 * p.do_sl;
+  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + hk * p.k_sh + sq.k0 * p.k_sl;
+  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + hk * p.v_sh + sq.k0 * p.v_sl;
   for (int idx = threadIdx.x; idx < kFRows * E; idx += kThreads) {
     const int r = idx / E, e = idx - r * E, i = m0 + r;
-    sQ[idx] = i < p.L ? qg[i * p.q_sl + e] : 0.f;
+    sQ[idx] = i < L ? qg[i * p.q_sl + e] : 0.f;
   }
   for (int idx = threadIdx.x; idx < kFRows * Ev; idx += kThreads) {
     const int r = idx / Ev, e = idx - r * Ev, i = m0 + r;
-    sdO[idx] = i < p.L ? dg[i * p.do_sl + e] : 0.f;
+    sdO[idx] = i < L ? dg[i * p.do_sl + e] : 0.f;
   }
-  const int n_end = p.causal ? min(p.S, min(p.L, m0 + kFRows)) : p.S;
+  const int n_end = p.causal ? min(S, min(L, m0 + kFRows)) : S;
   const int ntiles = (n_end + kFTile - 1) / kFTile;
   const MaskView mv = mask_view(p, b, h);
   const Dropout drop = load_dropout(p);
@@ -1086,9 +1137,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_f32(const __grid_constan
 #pragma unroll
   for (int r = 0; r < kFR; ++r) {
     const int i = i0 + r;
-    const bool in = i < p.L;
-    lse2[r] = in ? p.lse[int64_t(bh) * p.L + i] * kLog2e : INFINITY;
-    dlt[r] = in ? p.delta[int64_t(bh) * p.L + i] : 0.f;
+    const bool in = i < L;
+    lse2[r] = in ? p.lse[lse_row(p, b, h, sq) + i] * kLog2e : INFINITY;
+    dlt[r] = in ? p.delta[lse_row(p, b, h, sq) + i] : 0.f;
   }
   float dq[kFR][kFCols];
 #pragma unroll
@@ -1101,11 +1152,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_f32(const __grid_constan
     __syncthreads();
     for (int idx = threadIdx.x; idx < kFTile * E; idx += kThreads) {
       const int r = idx / E, e = idx - r * E, j = n0 + r;
-      sK[r * KS + e] = j < p.S ? kg[j * p.k_sl + e] : 0.f;
+      sK[r * KS + e] = j < S ? kg[j * p.k_sl + e] : 0.f;
     }
     for (int idx = threadIdx.x; idx < kFTile * Ev; idx += kThreads) {
       const int r = idx / Ev, e = idx - r * Ev, j = n0 + r;
-      sV[r * VS + e] = j < p.S ? vg[j * p.v_sl + e] : 0.f;
+      sV[r * VS + e] = j < S ? vg[j * p.v_sl + e] : 0.f;
     }
     __syncthreads();
 
@@ -1127,14 +1178,14 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_f32(const __grid_constan
       }
     }
     const int j = n0 + lane;
-    const bool edge = p.mask_kind != kMaskNone || n0 + kFTile > p.S ||
+    const bool edge = p.mask_kind != kMaskNone || n0 + kFTile > S ||
                       (p.causal && n0 + kFTile - 1 > i0);
     bool keep[kFR] = {true, true, true, true};
     if (drop.on) f32_keep_rows(drop, uint32_t(bh), i0, n0, lane, keep);
     float ds[kFR];
 #pragma unroll
     for (int r = 0; r < kFR; ++r) {
-      const float pr = exp2f(logit2(p, mv, edge, s[r], i0 + r, j) - lse2[r]);
+      const float pr = exp2f(logit2(p, L, S, mv, edge, s[r], i0 + r, j) - lse2[r]);
       const float d = drop.on ? (keep[r] ? dp[r] * drop.scale : 0.f) : dp[r];
       ds[r] = pr * (d - dlt[r]);
     }
@@ -1158,8 +1209,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_f32(const __grid_constan
 #pragma unroll
   for (int r = 0; r < kFR; ++r) {
     const int i = i0 + r;
-    if (i >= p.L) continue;
-    float* o = static_cast<float*>(p.dq) + (int64_t(bh) * p.L + i) * E;
+    if (i >= L) continue;
+    float* o = static_cast<float*>(p.dq) + (out_row(p, b, h, sq) + i * p.or_l) * E;
 #pragma unroll
     for (int c = 0; c < kFCols; ++c) {
       const int e = lane + 32 * c;
@@ -1177,21 +1228,24 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_f32(const __grid_const
   float* sdO = sQ + kFTile * QS;                   // [32][Ev + 1]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int bhk = blockIdx.x, b = bhk / p.Hk, hk = bhk - b * p.Hk;
+  const Seq sq = seq_of(p, b);
+  const int L = sq.L, S = sq.S;
   const int G = p.Hq / p.Hk;
   const int kb0 = blockIdx.y * kFRows;
+  if (kb0 >= S) return;  // varlen: past the end of this (shorter) sequence
   const int kw0 = kb0 + warp * kFR;  // this warp's keys kw0 .. kw0 + 3 (one 8-key group)
-  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + hk * p.k_sh + sq.k0 * p.k_sl;
+  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + hk * p.v_sh + sq.k0 * p.v_sl;
   for (int idx = threadIdx.x; idx < kFRows * E; idx += kThreads) {
     const int r = idx / E, e = idx - r * E, j = kb0 + r;
-    sK[idx] = j < p.S ? kg[j * p.k_sl + e] : 0.f;
+    sK[idx] = j < S ? kg[j * p.k_sl + e] : 0.f;
   }
   for (int idx = threadIdx.x; idx < kFRows * Ev; idx += kThreads) {
     const int r = idx / Ev, e = idx - r * Ev, j = kb0 + r;
-    sV[idx] = j < p.S ? vg[j * p.v_sl + e] : 0.f;
+    sV[idx] = j < S ? vg[j * p.v_sl + e] : 0.f;
   }
   const int mt_begin = p.causal ? kb0 / kFTile : 0;
-  const int mt_end = (p.L + kFTile - 1) / kFTile;
+  const int mt_end = (L + kFTile - 1) / kFTile;
   const Dropout drop = load_dropout(p);
 
   float dk[kFR][kFCols], dv[kFR][kFCols];
@@ -1203,26 +1257,26 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_f32(const __grid_const
   for (int hh = 0; hh < G; ++hh) {
     const int h = hk * G + hh;
     const int bh = b * p.Hq + h;  // the query head
-    const float* qg = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh;
-    const float* dg = static_cast<const float*>(p.dout) + b * p.do_sb + h * p.do_sh;
+    const float* qg = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh + sq.q0 * p.q_sl;
+    const float* dg = static_cast<const float*>(p.dout) + b * p.do_sb + h * p.do_sh + sq.q0 * p.do_sl;
     const MaskView mv = mask_view(p, b, h);
     for (int mt = mt_begin; mt < mt_end; ++mt) {
       const int m0 = mt * kFTile;
       __syncthreads();  // the previous tile is consumed (and sK, sV are written, first time)
       for (int idx = threadIdx.x; idx < kFTile * E; idx += kThreads) {
         const int r = idx / E, e = idx - r * E, i = m0 + r;
-        sQ[r * QS + e] = i < p.L ? qg[i * p.q_sl + e] : 0.f;
+        sQ[r * QS + e] = i < L ? qg[i * p.q_sl + e] : 0.f;
       }
       for (int idx = threadIdx.x; idx < kFTile * Ev; idx += kThreads) {
         const int r = idx / Ev, e = idx - r * Ev, i = m0 + r;
-        sdO[r * OS + e] = i < p.L ? dg[i * p.do_sl + e] : 0.f;
+        sdO[r * OS + e] = i < L ? dg[i * p.do_sl + e] : 0.f;
       }
       __syncthreads();
 
       const int i = m0 + lane;  // this lane's query
-      const bool in = i < p.L;
-      const float lse2 = in ? p.lse[int64_t(bh) * p.L + i] * kLog2e : INFINITY;
-      const float dlt = in ? p.delta[int64_t(bh) * p.L + i] : 0.f;
+      const bool in = i < L;
+      const float lse2 = in ? p.lse[lse_row(p, b, h, sq) + i] * kLog2e : INFINITY;
+      const float dlt = in ? p.delta[lse_row(p, b, h, sq) + i] : 0.f;
       float s[kFR] = {0.f, 0.f, 0.f, 0.f}, dp[kFR] = {0.f, 0.f, 0.f, 0.f};
       {
         const float* qr = sQ + lane * QS;
@@ -1240,8 +1294,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_f32(const __grid_const
           for (int r = 0; r < kFR; ++r) dp[r] = fmaf(dv_, vr[r * Ev + e], dp[r]);
         }
       }
-      const bool edge = p.mask_kind != kMaskNone || kb0 + kFRows > p.S ||
-                        (p.causal && kb0 + kFRows - 1 > m0) || m0 + kFTile > p.L;
+      const bool edge = p.mask_kind != kMaskNone || kb0 + kFRows > S ||
+                        (p.causal && kb0 + kFRows - 1 > m0) || m0 + kFTile > L;
       // Keys kw0 .. kw0 + 3 share the 8-key group kw0 >> 3 (kw0 is a multiple of 4).
       const uint32_t kbits =
           drop.on ? dropout_keep8(drop.seed, drop.offset, uint32_t(bh), uint32_t(i),
@@ -1250,7 +1304,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_f32(const __grid_const
       float pz[kFR], ds[kFR];
 #pragma unroll
       for (int r = 0; r < kFR; ++r) {
-        const float pr = exp2f(logit2(p, mv, edge, s[r], i, kw0 + r) - lse2);
+        const float pr = exp2f(logit2(p, L, S, mv, edge, s[r], i, kw0 + r) - lse2);
         const bool keep = (kbits >> ((kw0 & 7) + r)) & 1u;
         const float d = drop.on ? (keep ? dp[r] * drop.scale : 0.f) : dp[r];
         pz[r] = drop.on && !keep ? 0.f : pr;
@@ -1286,9 +1340,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_f32(const __grid_const
 #pragma unroll
   for (int r = 0; r < kFR; ++r) {
     const int j = kw0 + r;
-    if (j >= p.S) continue;
-    float* ok = static_cast<float*>(p.dk) + (int64_t(bhk) * p.S + j) * E;
-    float* ov = static_cast<float*>(p.dv) + (int64_t(bhk) * p.S + j) * Ev;
+    if (j >= S) continue;
+    float* ok = static_cast<float*>(p.dk) + (kv_row_of(p, b, hk, sq) + j * p.kr_l) * E;
+    float* ov = static_cast<float*>(p.dv) + (kv_row_of(p, b, hk, sq) + j * p.kr_l) * Ev;
 #pragma unroll
     for (int c = 0; c < kFCols; ++c) {
       const int e = lane + 32 * c;
@@ -1380,6 +1434,10 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.S = int(k.size(2));
   p.E = int(q.size(3));
   p.Ev = int(v.size(3));
+  // Dense output layouts: out / dq (B, Hq, L, *), lse / delta (B, Hq, L), dk / dv (B, Hk, S, *).
+  p.or_b = int64_t(p.Hq) * p.L, p.or_h = p.L, p.or_l = 1;
+  p.lr_b = int64_t(p.Hq) * p.L, p.lr_h = p.L;
+  p.kr_b = int64_t(p.Hk) * p.S, p.kr_h = p.S, p.kr_l = 1;
   p.scale = float(scale);
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.causal = is_causal;
@@ -1419,6 +1477,99 @@ dim3 grid_of(const char* who, int64_t xblocks, int64_t yblocks) {
   return dim3(unsigned(xblocks), unsigned(yblocks));
 }
 
+// Launches the forward kernels on p (inputs, out, lse and their layouts filled in): B (batches
+// or sequences) x Hq x p.L query rows.
+void launch_fwd(const char* who, AttnParams& p, at::ScalarType st, int64_t B, int device,
+                cudaStream_t stream) {
+  const int64_t Hq = p.Hq;
+  if (st == at::kFloat) {
+    p.nchunk = 1;
+    const size_t smem = sizeof(float) * size_t(kFRows * p.E + kFTile * (p.E + 1) + kFTile * p.Ev);
+    allow_smem(who, attn_fwd_f32, smem, device);
+    attn_fwd_f32<<<grid_of(who, B * Hq, (p.L + kFRows - 1) / kFRows), kThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  dispatch_mma(st, padded_dim(std::max(p.E, p.Ev)), [&](auto tag, auto dim) {
+    using T = typename decltype(tag)::type;
+    constexpr int D = decltype(dim)::value;
+    using C = Cfg<D>;
+    p.nchunk = (p.Ev + C::FWD_DC - 1) / C::FWD_DC;
+    const size_t smem = C::fwd_smem(sizeof(T));
+    auto kernel = attn_fwd_mma<T, D>;
+    allow_smem(who, kernel, smem, device);
+    kernel<<<grid_of(who, B * Hq * p.nchunk, (p.L + C::FWD_BM - 1) / C::FWD_BM), kThreads, smem,
+             stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// D = rowsum(dO * O) into delta (lse's layout): dense (B, Hq, L) with out (B, Hq, L, Ev), or
+// packed (Hq, total_q) with dO, out (total_q, Hq, Ev).
+void launch_delta(const char* who, const at::Tensor& dO, const at::Tensor& o, at::Tensor& delta,
+                  bool packed, cudaStream_t stream) {
+  const int64_t Hq = dO.size(1);  // (B, Hq, L, Ev) or packed (total_q, Hq, Ev)
+  const int64_t L = packed ? dO.size(0) : dO.size(2), Ev = o.size(-1);
+  const int64_t rows = delta.numel();
+  const int64_t blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), who, ": too many rows (", rows, ")");
+  const int64_t sb = packed ? 0 : dO.stride(0), sh = dO.stride(1);
+  const int64_t sl = packed ? dO.stride(0) : dO.stride(2);
+  auto run = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    attn_bwd_delta<T><<<unsigned(blocks), kThreads, 0, stream>>>(
+        static_cast<const T*>(dO.const_data_ptr()), sb, sh, sl,
+        static_cast<const T*>(o.const_data_ptr()), delta.mutable_data_ptr<float>(), int(Hq),
+        int(L), int(Ev), rows, packed);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (dO.scalar_type() == at::kFloat) run(Tag<float>{});
+  else if (dO.scalar_type() == at::kHalf) run(Tag<__half>{});
+  else run(Tag<__nv_bfloat16>{});
+}
+
+// Launches the dK/dV and dQ kernels on p (everything filled in, delta computed): B x Hk key
+// heads of p.S keys and B x Hq query heads of p.L queries.
+void launch_bwd(const char* who, AttnParams& p, at::ScalarType st, int64_t B, int device,
+                cudaStream_t stream) {
+  const int64_t Hq = p.Hq, Hk = p.Hk;
+  if (st == at::kFloat) {
+    p.nchunk = 1;
+    const size_t smem = sizeof(float) * size_t(kFRows * (p.E + p.Ev) +
+                                               kFTile * (p.E + 1 + p.Ev + 1));
+    allow_smem(who, attn_bwd_dkdv_f32, smem, device);
+    attn_bwd_dkdv_f32<<<grid_of(who, B * Hk, (p.S + kFRows - 1) / kFRows), kThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    allow_smem(who, attn_bwd_dq_f32, smem, device);
+    attn_bwd_dq_f32<<<grid_of(who, B * Hq, (p.L + kFRows - 1) / kFRows), kThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  dispatch_mma(st, padded_dim(std::max(p.E, p.Ev)), [&](auto tag, auto dim) {
+    using T = typename decltype(tag)::type;
+    constexpr int D = decltype(dim)::value;
+    using C = Cfg<D>;
+    {
+      p.nchunk = (std::max(p.E, p.Ev) + C::DC - 1) / C::DC;
+      const size_t smem = C::dkdv_smem(sizeof(T));
+      auto kernel = attn_bwd_dkdv_mma<T, D>;
+      allow_smem(who, kernel, smem, device);
+      kernel<<<grid_of(who, B * Hk * p.nchunk, (p.S + C::KV_BN - 1) / C::KV_BN), kThreads, smem,
+               stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    {
+      p.nchunk = (p.E + C::DQ_DC - 1) / C::DQ_DC;
+      const size_t smem = C::dq_smem(sizeof(T));
+      auto kernel = attn_bwd_dq_mma<T, D>;
+      allow_smem(who, kernel, smem, device);
+      kernel<<<grid_of(who, B * Hq * p.nchunk, (p.L + C::DQ_BM - 1) / C::DQ_BM), kThreads, smem,
+               stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query,
                                                       const at::Tensor& key,
                                                       const at::Tensor& value,
@@ -1448,29 +1599,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query,
   AttnParams p = make_params(q, k, v, mask, rng, dropout_p, is_causal, scale);
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int device = q.get_device();
-
-  if (f32) {
-    p.nchunk = 1;
-    const size_t smem = sizeof(float) * size_t(kFRows * p.E + kFTile * (p.E + 1) + kFTile * p.Ev);
-    allow_smem(who, attn_fwd_f32, smem, device);
-    attn_fwd_f32<<<grid_of(who, B * Hq, (L + kFRows - 1) / kFRows), kThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {out, lse};
-  }
-  dispatch_mma(q.scalar_type(), padded_dim(std::max(p.E, p.Ev)), [&](auto tag, auto dim) {
-    using T = typename decltype(tag)::type;
-    constexpr int D = decltype(dim)::value;
-    using C = Cfg<D>;
-    p.nchunk = (p.Ev + C::FWD_DC - 1) / C::FWD_DC;
-    const size_t smem = C::fwd_smem(sizeof(T));
-    auto kernel = attn_fwd_mma<T, D>;
-    allow_smem(who, kernel, smem, device);
-    kernel<<<grid_of(who, B * Hq * p.nchunk, (L + C::FWD_BM - 1) / C::FWD_BM), kThreads, smem,
-             stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_fwd(who, p, q.scalar_type(), B, q.get_device(), c10::cuda::getCurrentCUDAStream());
   return {out, lse};
 }
 
@@ -1503,6 +1632,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const at::Tensor o = out.contiguous();
   const at::Tensor ls = lse.contiguous();
   at::Tensor delta = at::empty({B, Hq, L}, query.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  launch_delta(who, dO, o, delta, /*packed=*/false, stream);
 
   AttnParams p = make_params(q, k, v, mask, rng, dropout_p, is_causal, scale);
   p.dout = dO.const_data_ptr();
@@ -1512,64 +1643,128 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq = dq.mutable_data_ptr();
   p.dk = dk.mutable_data_ptr();
   p.dv = dv.mutable_data_ptr();
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int device = q.get_device();
-  const int64_t Hk = key.size(1);
+  launch_bwd(who, p, q.scalar_type(), B, q.get_device(), stream);
+  return {dq, dk, dv};
+}
 
-  // D = rowsum(dO * O).
-  {
-    const int64_t rows = B * Hq * L;
-    const int64_t blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
-    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), who, ": too many rows (", rows,
-                ")");
-    auto run = [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      attn_bwd_delta<T><<<unsigned(blocks), kThreads, 0, stream>>>(
-          static_cast<const T*>(dO.const_data_ptr()), dO.stride(0), dO.stride(1), dO.stride(2),
-          static_cast<const T*>(o.const_data_ptr()), delta.mutable_data_ptr<float>(), int(Hq),
-          int(L), int(Ev), rows);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (f32) run(Tag<float>{});
-    else if (q.scalar_type() == at::kHalf) run(Tag<__half>{});
-    else run(Tag<__nv_bfloat16>{});
+// ------------------------------------------------------------------------------------------
+// Varlen: the packed q (total_q, Hq, E), k, v (total_k, Hk, *) as the dense views (1, H, total,
+// *), B = the number of sequences, L / S = max_seqlen_q / _k (the grid), each block reading its
+// sequence's rows from the offsets on the device. The offsets are not read on the host (no
+// sync): the Python face checks them, and the kernels clamp them into [0, total], so
+// inconsistent offsets cannot reach outside the tensors (rows past a too-small max_seqlen are
+// left uncomputed, as docs/attention.md says).
+struct VarlenParams {
+  at::Tensor cu_q, cu_k;  // int32 contiguous, alive while p points into them
+  AttnParams p;
+};
+
+VarlenParams make_varlen(const char* who, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                         int64_t max_q, int64_t max_k, const std::optional<at::Tensor>& rng,
+                         double dropout_p, bool is_causal, double scale) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(max_q >= 0 && max_k >= 0 && max_q < kMax && max_k < kMax, who,
+              ": max_seqlen_q and max_seqlen_k must be in [0, 2^31), got ", max_q, " and ",
+              max_k);
+  TORCH_CHECK(q.size(0) < kMax && k.size(0) < kMax, who,
+              ": packed lengths must fit in int32, got ", q.size(0), " and ", k.size(0));
+  TORCH_CHECK(cu_q.numel() * q.size(1) < kMax, who, ": sequences * heads must be below 2^31");
+  VarlenParams V;
+  V.cu_q = cu_q.to(at::kInt).contiguous();
+  V.cu_k = cu_k.to(at::kInt).contiguous();
+  AttnParams& p = V.p;
+  p = make_params(as_4d(q), as_4d(k), as_4d(v), std::nullopt, rng, dropout_p, is_causal, scale);
+  const int64_t Tq = q.size(0), Tk = k.size(0), Hq = q.size(1), Hk = k.size(1);
+  p.B = int(cu_q.numel() - 1);
+  p.L = int(max_q);
+  p.S = int(max_k);
+  p.Tq = int(Tq);
+  p.Tk = int(Tk);
+  p.cu_q = V.cu_q.const_data_ptr<int32_t>();
+  p.cu_k = V.cu_k.const_data_ptr<int32_t>();
+  p.q_sb = p.k_sb = p.v_sb = 0;
+  // out, dq (total_q, Hq, *); lse, delta (Hq, total_q); dk, dv (total_k, Hk, *).
+  p.or_b = 0, p.or_h = 1, p.or_l = Hq;
+  p.lr_b = 0, p.lr_h = Tq;
+  p.kr_b = 0, p.kr_h = 1, p.kr_l = Hk;
+  return V;
+}
+
+// A packed operand the kernels can read, kept 3-D: float32 with a unit last stride; 16-bit
+// ready for the 16-byte copies (see mma_ready).
+at::Tensor varlen_ready(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t.stride(2) == 1 ? t : t.contiguous();
+  return mma_ready(as_4d(t)).squeeze(0).transpose(0, 1);
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+    const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal, double scale) {
+  const char* who = "fastlm.varlen_attention_fwd";
+  varlen_check(who, query, key, value, cu_q, cu_k, rng, dropout_p, is_causal);
+  check_head_dims(who, query.size(2), value.size(2));
+  c10::cuda::CUDAGuard guard(query.device());
+  const int64_t Tq = query.size(0), Hq = query.size(1), Ev = value.size(2);
+  at::Tensor out = at::empty({Tq, Hq, Ev}, query.options());
+  at::Tensor lse = at::empty({Hq, Tq}, query.options().dtype(at::kFloat));
+  if (Tq * Hq == 0) return {out, lse};
+  const at::Tensor q = varlen_ready(query), k = varlen_ready(key), v = varlen_ready(value);
+  VarlenParams V = make_varlen(who, q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p,
+                               is_causal, scale);
+  if (max_k == 0 || max_q == 0) {  // no keys anywhere (or no query rows the grid could cover)
+    out.zero_();
+    lse.fill_(INFINITY);
+    return {out, lse};
   }
+  AttnParams& p = V.p;
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  launch_fwd(who, p, q.scalar_type(), p.B, q.get_device(), c10::cuda::getCurrentCUDAStream());
+  return {out, lse};
+}
 
-  if (f32) {
-    p.nchunk = 1;
-    const size_t smem = sizeof(float) * size_t(kFRows * (p.E + p.Ev) +
-                                               kFTile * (p.E + 1 + p.Ev + 1));
-    allow_smem(who, attn_bwd_dkdv_f32, smem, device);
-    attn_bwd_dkdv_f32<<<grid_of(who, B * Hk, (S + kFRows - 1) / kFRows), kThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    allow_smem(who, attn_bwd_dq_f32, smem, device);
-    attn_bwd_dq_f32<<<grid_of(who, B * Hq, (L + kFRows - 1) / kFRows), kThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+    const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal, double scale) {
+  const char* who = "fastlm.varlen_attention_bwd";
+  varlen_check_bwd(who, grad_out, query, key, value, out, lse, cu_q, cu_k, rng, dropout_p,
+                   is_causal);
+  check_head_dims(who, query.size(2), value.size(2));
+  c10::cuda::CUDAGuard guard(query.device());
+  at::Tensor dq = at::empty(query.sizes(), query.options());
+  at::Tensor dk = at::empty(key.sizes(), key.options());
+  at::Tensor dv = at::empty(value.sizes(), value.options());
+  const int64_t Tq = query.size(0), Hq = query.size(1);
+  if (Tq * Hq == 0 || key.size(0) == 0 || max_q == 0 || max_k == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
     return {dq, dk, dv};
   }
-  dispatch_mma(q.scalar_type(), padded_dim(std::max(p.E, p.Ev)), [&](auto tag, auto dim) {
-    using T = typename decltype(tag)::type;
-    constexpr int D = decltype(dim)::value;
-    using C = Cfg<D>;
-    {
-      p.nchunk = (std::max(p.E, p.Ev) + C::DC - 1) / C::DC;
-      const size_t smem = C::dkdv_smem(sizeof(T));
-      auto kernel = attn_bwd_dkdv_mma<T, D>;
-      allow_smem(who, kernel, smem, device);
-      kernel<<<grid_of(who, B * Hk * p.nchunk, (S + C::KV_BN - 1) / C::KV_BN), kThreads, smem,
-               stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    {
-      p.nchunk = (p.E + C::DQ_DC - 1) / C::DQ_DC;
-      const size_t smem = C::dq_smem(sizeof(T));
-      auto kernel = attn_bwd_dq_mma<T, D>;
-      allow_smem(who, kernel, smem, device);
-      kernel<<<grid_of(who, B * Hq * p.nchunk, (L + C::DQ_BM - 1) / C::DQ_BM), kThreads, smem,
-               stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  const bool f32 = query.scalar_type() == at::kFloat;
+  const at::Tensor q = varlen_ready(query), k = varlen_ready(key), v = varlen_ready(value);
+  const at::Tensor dO = varlen_ready(grad_out);
+  const at::Tensor o = out.contiguous();
+  const at::Tensor ls = lse.contiguous();
+  at::Tensor delta = at::empty({Hq, Tq}, query.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  launch_delta(who, dO, o, delta, /*packed=*/true, stream);
+
+  VarlenParams V = make_varlen(who, q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p,
+                               is_causal, scale);
+  AttnParams& p = V.p;
+  p.dout = dO.const_data_ptr();
+  p.do_sb = 0, p.do_sh = dO.stride(1), p.do_sl = dO.stride(0);
+  p.lse = const_cast<float*>(ls.const_data_ptr<float>());  // read only in the backward
+  p.delta = delta.const_data_ptr<float>();
+  p.dq = dq.mutable_data_ptr();
+  p.dk = dk.mutable_data_ptr();
+  p.dv = dv.mutable_data_ptr();
+  launch_bwd(who, p, q.scalar_type(), p.B, q.get_device(), stream);
   return {dq, dk, dv};
 }
 
@@ -1579,6 +1774,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
   m.impl("attention_fwd", &cuda::attention_fwd_cuda);
   m.impl("attention_bwd", &cuda::attention_bwd_cuda);
+  m.impl("varlen_attention_fwd", &cuda::varlen_attention_fwd_cuda);
+  m.impl("varlen_attention_bwd", &cuda::varlen_attention_bwd_cuda);
 }
 
 }  // namespace fastlm

@@ -312,8 +312,8 @@ def _has_kernel(device_type):
     return _KERNELS.get(device_type, False)
 
 
-# Varlen: the C++ op runs on the CPU (csrc/cpu/attention.cpp); on CUDA tensors the Triton
-# kernels run it (there is no CUDA C++ varlen kernel).
+# Varlen: the C++ op runs on the CPU (csrc/cpu/attention.cpp) and on CUDA tensors
+# (csrc/cuda/attention.cu); on CUDA tensors the Triton kernels are preferred (_VARLEN_ORDER).
 def _register_varlen(fwd_name, bwd_name, bwd_op):
     _register(fwd_name, bwd_name, bwd_op, "fastlm.varlen_attention")
 
@@ -636,10 +636,6 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     E, Ev = q.shape[2], v.shape[2]
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    if dev.type == "cuda" and backends.forced() == "cuda":
-        raise backends.BackendUnavailable(
-            f"{who}: the cuda backend has no varlen kernel; on CUDA tensors the triton backend "
-            "runs it (use_backend('triton'), or no override)")
     name = backends.select(who, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_varlen_kernel,
                            order=_VARLEN_ORDER.get(dev.type))
     if name != "torch" and (E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM):
@@ -662,5 +658,5 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return out
 
 
-# Varlen on a GPU: the Triton kernels (no CUDA C++ varlen kernel exists), else the reference.
-_VARLEN_ORDER = {"cuda": ("triton", "torch")}
+# Varlen on a GPU: as the dense op, Triton first, then the CUDA C++ kernels, else the reference.
+_VARLEN_ORDER = {"cuda": ("triton", "cuda", "torch")}
