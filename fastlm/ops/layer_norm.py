@@ -29,7 +29,11 @@ def reference(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """LayerNorm in plain PyTorch ops, in float32 (float64 for float64 input)."""
     dims = tuple(range(-len(normalized_shape), 0))
     ct = torch.float64 if input.dtype == torch.float64 else torch.float32
-    x = input.to(ct)
+    # A copy, even in ct already: autograd then sums LayerNorm's own gradient terms (the direct
+    # one and the mean's, which cancel exactly on a one-element row while each is ~rstd * dy)
+    # before adding them to any other gradient of `input` (add_layer_norm's grad of summed),
+    # whose low bits would otherwise be rounded away at that magnitude.
+    x = input.to(ct, copy=True)
     mean = x.mean(dims, keepdim=True)
     xc = x - mean
     y = xc * torch.rsqrt(xc.square().mean(dims, keepdim=True) + eps)
