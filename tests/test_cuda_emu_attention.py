@@ -147,6 +147,35 @@ def test_forward_backward_against_float64(emu, case, dtype):
         assert torch.equal(dq[:, :, rows], torch.zeros_like(dq[:, :, rows]))
 
 
+def _random_cases(n, seed=2026):
+    """n random problems (seeded, so the same ones every run): lengths 1..150, head dims
+    multiples of 8 up to 256, GQA groups, causal or a mask, dropout, dtypes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    out = []
+    for i in range(n):
+        hk = pick([1, 2])
+        hq = hk * pick([1, 2, 3])
+        L, S = (int(torch.randint(1, 151, (1,), generator=g)) for _ in range(2))
+        E, Ev = (8 * int(torch.randint(1, 33, (1,), generator=g)) for _ in range(2))
+        kind = pick(["causal", "bool", "float32", None])
+        p = pick([0.0, 0.0, 0.3])
+        dt = pick([torch.float32, torch.float16, torch.bfloat16])
+        case = Case(f"random{i}-b1-h{hq}/{hk}-l{L}-s{S}-e{E}-ev{Ev}-{kind}-p{p}", 1, hq, hk, L, S,
+                    E, Ev, mask=kind if kind in ("bool", "float32") else None,
+                    causal=kind == "causal", p=p)
+        out.append(pytest.param(case, dt, id=f"{case.name}-{_dt(dt)}"))
+    return out
+
+
+@pytest.mark.parametrize("case,dtype", _random_cases(10))
+def test_random_problems_against_float64(emu, case, dtype):
+    test_forward_backward_against_float64(emu, case, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dt)
 def test_results_do_not_depend_on_the_thread_schedule(emu, dtype):
     """Three fiber schedules (the emulator resumes threads in a seeded random order between
