@@ -20,6 +20,10 @@
 //   attn_bwd_dq      grid (b*Hq*chunks, query blocks of 64). 4 warps x 16 query rows; Q and dO
 //                    stay in shared memory; (K, V) tiles stream. S = Q K^T, dP = dO V^T,
 //                    dS = P (Z r dP - D), dQ += dS K (K through ldmatrix.trans); dQ *= scale.
+// Varlen (packed sequences): the same kernels; a block reads its sequence's base rows and
+// lengths from the offsets (seq_of) and returns at once when its tile lies past the sequence's
+// end. Output rows go through the layout strides of AttnParams (or_*, lr_*, kr_*).
+// Tested without a GPU through the CUDA emulator (tests/cuda_emu, tests/test_cuda_emu_*.py).
 // Head dims: E and Ev multiples of 8 up to 256. A kernel is compiled for the padded head dim
 // D in {64, 128, 256} (D >= max(E, Ev)); loads zero-fill columns past E / Ev, the k-steps of the
 // Q.K and dO.V products stop at E / Ev, and mma n-tiles past E / Ev are skipped. The output

@@ -6,17 +6,19 @@ text (nothing in the kernels' bodies changes):
     smem, stream)(args)`;
   * `extern __shared__ T name[];` -> `T* name = reinterpret_cast<T*>(::emu::dyn_smem());`;
   * `TORCH_LIBRARY_IMPL(fastlm, CUDA, m)` -> `TORCH_LIBRARY_IMPL(fastlm_emu, CPU, m)`;
+  * `dev.is_cuda()` (adam.cu's checks that the tensors are on a GPU) -> `(dev.is_cuda() ||
+    dev.is_cpu())`: the emulated device's memory is the CPU's;
 and the op schemas of csrc/fastlm.cpp are registered again as the `fastlm_emu` library. So
 `torch.ops.fastlm_emu.attention_fwd(q, ...)` on CPU tensors runs the CUDA host code and the CUDA
-kernels, emulated; `torch.ops.fastlm_emu.emu_seed(n)` picks another fiber schedule. The inline-asm PTX wrappers of attention.cu are swapped for
-fastlm_emu_ptx.h under FASTLM_CUDA_EMU.
+kernels, emulated; `torch.ops.fastlm_emu.emu_seed(n)` picks another fiber schedule. The
+inline-asm PTX wrappers of attention.cu (and adam.cu's IEEE float ops) are swapped for the
+emulator's under FASTLM_CUDA_EMU.
 
 Usage: `load()` builds (once, cached under build/cuda_emu) and imports the library.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -24,13 +26,15 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SOURCES = ("attention.cu", "layer_norm.cu", "adam.cu")
 
-_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
+_IS_CUDA = re.compile(r"\bdev\.is_cuda\(\)")
 _EXTERN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\[\];")
 
 
 # emu_seed(seed): reseeds the order in which the emulator resumes its fibers (default 0x5eed, or
 # FASTLM_EMU_SEED), so a test can run one kernel under several schedules.
 _SEED_OP = """
+#define FASTLM_EMU_DEFINE_SWITCH  // this translation unit defines fastlm_emu_switch
 #include <fastlm_emu.h>
 TORCH_LIBRARY_FRAGMENT(fastlm_emu, m) {
   m.def("emu_seed(int seed) -> ()", [](int64_t seed) {
@@ -42,11 +46,13 @@ TORCH_LIBRARY_FRAGMENT(fastlm_emu, m) {
 
 
 def rewrite(text: str) -> str:
-    text, n_launch = _LAUNCH.subn(lambda m: f"::emu::make_launch({m.group(1)}, {m.group(2)})(", text)
+    text = _LAUNCH.sub(lambda m: f"::emu::make_launch({m.group(1)}, {m.group(2)})(", text)
     text = _EXTERN_SMEM.sub(
-        lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::emu::dyn_smem());",
-        text)
-    text = text.replace("TORCH_LIBRARY_IMPL(fastlm, CUDA, m)", "TORCH_LIBRARY_IMPL(fastlm_emu, CPU, m)")
+        lambda m: (f"{m.group(1)}* {m.group(2)} = "
+                   f"reinterpret_cast<{m.group(1)}*>(::emu::dyn_smem());"), text)
+    text = text.replace("TORCH_LIBRARY_IMPL(fastlm, CUDA, m)",
+                        "TORCH_LIBRARY_IMPL(fastlm_emu, CPU, m)")
+    text = _IS_CUDA.sub("(dev.is_cuda() || dev.is_cpu())", text)
     if "<<<" in text:
         raise RuntimeError("a kernel launch was not rewritten")
     return text
@@ -84,7 +90,8 @@ def load(verbose: bool = False):
     cpp_load(
         name="fastlm_cuda_emu",
         sources=sources,
-        extra_include_paths=[str(HERE / "include"), str(ROOT / "csrc" / "cuda"), str(ROOT / "csrc")],
+        extra_include_paths=[str(HERE / "include"), str(ROOT / "csrc" / "cuda"),
+                             str(ROOT / "csrc")],
         extra_cflags=["-O1", "-g0", "-DFASTLM_CUDA_EMU", "-Wno-unknown-pragmas",
                       "-Wno-attributes", "-ffp-contract=off"],
         build_directory=str(build / "obj"),

@@ -1,25 +1,26 @@
 // fastlm's CUDA emulator: runs the CUDA C++ kernels of csrc/cuda on the CPU, one fiber per CUDA
-// thread, so that their indexing, fragment layouts, pipelining and synchronization can be tested
-// on a machine without a GPU (tests/test_cuda_emu.py). tests/cuda_emu/build.py compiles the .cu
+// thread, so that their indexing, fragment layouts, pipelining and synchronization are tested on
+// a machine without a GPU (tests/test_cuda_emu_*.py). tests/cuda_emu/build.py compiles the .cu
 // files with g++ against these headers, which stand in for cuda_runtime.h, cuda_fp16.h,
 // cuda_bf16.h and c10/cuda; the PTX the kernels use (cp.async, ldmatrix, mma.sync) is in
-// fastlm_emu_ptx.h, written from the PTX ISA's definitions, not from the kernels.
+// fastlm_emu_ptx.h / fastlm_emu_ptx_impl.h, written from the PTX ISA's definitions, not from
+// the kernels.
 //
-// Model. A launch runs its blocks one after another. Inside a block every thread is a fiber
-// (ucontext) on the calling OS thread; a fiber runs until it reaches a barrier: __syncthreads
-// (all live threads of the block) or a warp collective (__shfl*_sync, ldmatrix, mma: all 32
-// lanes of the warp, at the same kind of collective, else the launch fails with "divergent").
-// Fibers are resumed in a pseudo-random order (seeded, FASTLM_EMU_SEED), so a missing barrier
-// shows up as a wrong result for some seeds. The scheduler lets one warp run ahead of the others
-// as far as the barriers allow (warp order redrawn at each __syncthreads and, now and then, at a
-// warp collective), which is what exposes a missing barrier. What it checks on top: dynamic shared memory is
-// filled with 0xFF bytes (NaN for every float type) at block start; cp.async copies land only
-// when the issuing thread's cp.async.wait_group retires their group (a read before the wait sees
-// the old bytes), or, for a random half of the groups, at once when committed (so a refill that
-// overwrites a stage another warp still reads shows up too); shared addresses given to cp.async / ldmatrix must be in bounds and aligned;
-// cp.async sources must be 16-byte aligned; a deadlock (threads waiting at different barriers)
-// fails the launch with each thread's state. What it cannot check: the memory model between
-// barriers on real hardware, timing, register spills, and anything the compiler does.
+// Model. A launch runs its blocks one after another. Inside a block every thread is a fiber on
+// the calling OS thread; a fiber runs until it reaches a barrier: __syncthreads (all live
+// threads of the block) or a warp collective (__shfl*_sync, ldmatrix, mma: all 32 lanes of the
+// warp at the same kind of collective, else the launch fails with "divergent warp"). The
+// scheduler lets one warp run ahead of the others as far as the barriers allow, in a warp order
+// redrawn (seeded: FASTLM_EMU_SEED, or emu_seed) at each __syncthreads and now and then at a
+// warp collective, so a missing barrier shows up as a wrong result.
+// Checked on top: dynamic shared memory starts as 0xFF bytes (NaN in every float type);
+// cp.async copies land either at once when their group is committed or only when the issuing
+// thread's cp.async.wait_group retires the group (random per group), so both a read before the
+// wait and a refill of a stage another warp still reads show up; shared addresses given to
+// cp.async and ldmatrix must be aligned and in bounds, cp.async sources 16-byte aligned; a
+// deadlock (threads waiting at different barriers) fails the launch with the threads' states.
+// Not checked: the hardware memory model between barriers, timing, register spills, and what
+// nvcc does (--use_fast_math's approximations among it).
 #pragma once
 
 #include <ucontext.h>
@@ -63,6 +64,47 @@ typedef struct CUstream_st* cudaStream_t;
 typedef int cudaError_t;
 constexpr cudaError_t cudaSuccess = 0;
 
+// Fiber switches. On x86-64, a plain register switch (fastlm_emu_switch, defined once, in the
+// translation unit that defines FASTLM_EMU_DEFINE_SWITCH): swapcontext also saves the signal
+// mask, a system call per switch, which made the emulator several times slower. Elsewhere (or
+// with FASTLM_EMU_UCONTEXT), ucontext.
+#if defined(__x86_64__) && !defined(FASTLM_EMU_UCONTEXT)
+#define FASTLM_EMU_ASM_SWITCH 1
+// Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores
+// the stack pointer in *save, switches to the stack `load` (saved the same way) and returns there.
+extern "C" void fastlm_emu_switch(void** save, void* load);
+#ifdef FASTLM_EMU_DEFINE_SWITCH
+asm(R"(
+  .text
+  .globl fastlm_emu_switch
+  .type fastlm_emu_switch, @function
+fastlm_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size fastlm_emu_switch, .-fastlm_emu_switch
+)");
+#endif
+#endif
+
 namespace emu {
 
 struct Error : std::runtime_error {
@@ -78,7 +120,11 @@ struct Copy {
 };
 
 struct Fiber {
+#ifdef FASTLM_EMU_ASM_SWITCH
+  void* sp = nullptr;  // saved stack pointer while switched out
+#else
   ucontext_t ctx;
+#endif
   char* stack = nullptr;
   dim3 tid;
   int linear = 0, warp = 0, lane = 0;
@@ -100,7 +146,11 @@ constexpr size_t kStack = size_t(1) << 20;
 struct Runtime {
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
+#ifdef FASTLM_EMU_ASM_SWITCH
+  void* sched_sp = nullptr;
+#else
   ucontext_t sched;
+#endif
   Fiber* cur = nullptr;
   dim3 block_idx, block_dim, grid_dim;
   std::vector<unsigned char> smem;  // dynamic shared memory of the running block
@@ -121,6 +171,22 @@ inline Runtime& rt() {
 
 inline Fiber& self() { return *rt().cur; }
 
+// From the running fiber to the scheduler, and from the scheduler into fiber f.
+inline void to_scheduler(Fiber& f) {
+#ifdef FASTLM_EMU_ASM_SWITCH
+  fastlm_emu_switch(&f.sp, rt().sched_sp);
+#else
+  swapcontext(&f.ctx, &rt().sched);
+#endif
+}
+inline void to_fiber(Fiber& f) {
+#ifdef FASTLM_EMU_ASM_SWITCH
+  fastlm_emu_switch(&rt().sched_sp, f.sp);
+#else
+  swapcontext(&rt().sched, &f.ctx);
+#endif
+}
+
 // A new random order of the warps (a permutation of 0 .. warps-1).
 inline void reprioritize() {
   Runtime& r = rt();
@@ -139,11 +205,11 @@ inline void reprioritize() {
   }
   r.failed = true;
   r.cur->state = Wait::kDone;
-  swapcontext(&r.cur->ctx, &r.sched);
+  to_scheduler(*r.cur);
   std::abort();  // never resumed
 }
 
-inline void yield() { swapcontext(&rt().cur->ctx, &rt().sched); }
+inline void yield() { to_scheduler(*rt().cur); }
 
 // __syncthreads: every live thread of the block. A thread that has returned counts as arrived.
 inline void release_block() {
@@ -213,8 +279,34 @@ inline void fiber_main() {
   --r.warps[me.warp].live;
   // The threads still at __syncthreads may now all have arrived.
   if (r.live > 0 && r.block_arrived == r.live) release_block();
-  swapcontext(&me.ctx, &r.sched);
+  to_scheduler(me);
+  std::abort();  // never resumed
 }
+
+#ifdef FASTLM_EMU_ASM_SWITCH
+[[noreturn]] inline void fiber_entry() {
+  fiber_main();
+  std::abort();
+}
+
+// A fresh fiber's stack, as fastlm_emu_switch leaves a switched-out one: control words, six
+// zeroed callee-saved registers, then fiber_entry as the return address (with a zero above it,
+// so fiber_entry starts with the stack aligned as after a call).
+inline void* fresh_stack(char* stack) {
+  auto* top = reinterpret_cast<uint64_t*>(
+      (reinterpret_cast<uintptr_t>(stack) + kStack) & ~uintptr_t(15));
+  uint64_t* sp = top - 9;  // 72 bytes
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  std::memset(sp, 0, 9 * sizeof(uint64_t));
+  std::memcpy(sp, &mxcsr, 4);
+  std::memcpy(reinterpret_cast<char*>(sp) + 4, &fpucw, 2);
+  sp[7] = reinterpret_cast<uint64_t>(&fiber_entry);  // top - 16: the return address
+  return sp;
+}
+#endif
 
 inline std::string states() {
   std::ostringstream os;
@@ -253,11 +345,15 @@ inline void run_block(const dim3& bid) {
     f.pending.clear();
     f.groups.clear();
     r.warps[f.warp].live++;
+#ifdef FASTLM_EMU_ASM_SWITCH
+    f.sp = fresh_stack(f.stack);
+#else
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
+#endif
   }
   r.priority.resize(r.warps.size());
   reprioritize();
@@ -288,7 +384,7 @@ inline void run_block(const dim3& bid) {
       throw Error(os.str());
     }
     r.cur = next;
-    swapcontext(&r.sched, &next->ctx);
+    to_fiber(*next);
     r.cur = nullptr;
     if (r.failed) throw Error(r.message);
   }
@@ -319,9 +415,6 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& body) {
   r.body = std::forward<F>(body);
   r.failed = false;
   r.message.clear();
-  const int keep = n;
-  // Fibers past n are left alone (state from an earlier launch is irrelevant).
-  (void)keep;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) run_block(dim3(x, y, z));

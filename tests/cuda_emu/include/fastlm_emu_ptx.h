@@ -16,8 +16,9 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   auto& r = ::emu::rt();
   if (dst % 16 != 0 || size_t(dst) + 16 > r.smem.size())
-    ::emu::fail("cp.async: shared address " + std::to_string(dst) + " not 16-byte aligned or past " +
-              std::to_string(r.smem.size()) + " bytes of shared memory");
+    ::emu::fail("cp.async: shared address " + std::to_string(dst) +
+                " not 16-byte aligned or past " + std::to_string(r.smem.size()) +
+                " bytes of shared memory");
   if (reinterpret_cast<uintptr_t>(src) % 16 != 0)
     ::emu::fail("cp.async: global source address not 16-byte aligned");
   ::emu::self().pending.push_back(::emu::Copy{dst, src, valid ? 16 : 0});

@@ -21,7 +21,8 @@ inline uint16_t smem_b16(uint32_t addr) {
 // (rows 2(l%4), 2(l%4)+1; column l/4). The lower column (row) index goes to the low 16 bits.
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans, const char* name) {
   if (addr % 16 != 0) fail(std::string(name) + ": row address not 16-byte aligned");
-  if (size_t(addr) + 16 > rt().smem.size()) fail(std::string(name) + ": row past the shared memory");
+  if (size_t(addr) + 16 > rt().smem.size())
+    fail(std::string(name) + ": row past the shared memory");
   const int l = self().lane;
   warp_collective(name, addr, [&](auto row_addr) {
     for (int m = 0; m < 4; ++m) {
