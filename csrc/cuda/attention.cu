@@ -523,7 +523,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma(const __grid_constant__
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        s[nt][e] = logit2(p, L, S, mv, edge, s[nt][e], row0 + g + 8 * (e >> 1), n0 + 8 * nt + 2 * t + (e & 1));
+        s[nt][e] = logit2(p, L, S, mv, edge, s[nt][e],
+            row0 + g + 8 * (e >> 1), n0 + 8 * nt + 2 * t + (e & 1));
 
     float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
@@ -654,8 +655,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma(const __grid_const
   const int nmt = max(0, mt_end - mt_begin);
   const int niter = G * nmt;  // iteration it: head hk*G + it / nmt, query tile mt_begin + it % nmt
 
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + sq.k0 * p.k_sl + n0 * p.k_sl;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + sq.k0 * p.v_sl + n0 * p.v_sl;
+  const T* kg =
+      static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + int64_t(sq.k0 + n0) * p.k_sl;
+  const T* vg =
+      static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + int64_t(sq.k0 + n0) * p.v_sl;
   load_tile<BN, SROW>(sK, kg, p.k_sl, S - n0, 0, E16, p.E);
   load_tile<BN, SROW>(sV, vg, p.v_sl, S - n0, 0, Ev16, p.Ev);
 
@@ -664,8 +667,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma(const __grid_const
     const int h = hk * G + hh, m0 = mt * BM;  // m0 < L: row 0 of the tile is valid
     T* sQ = sQdO + (it % ST) * 2 * BM * SROW;
     T* sdO = sQ + BM * SROW;
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sq.q0 * p.q_sl + m0 * p.q_sl;
-    const T* dg = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sq.q0 * p.do_sl + m0 * p.do_sl;
+    const T* qg =
+        static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t(sq.q0 + m0) * p.q_sl;
+    const T* dg =
+        static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + int64_t(sq.q0 + m0) * p.do_sl;
     load_tile<BM, SROW>(sQ, qg, p.q_sl, L - m0, 0, E16, p.E);
     load_tile<BM, SROW>(sdO, dg, p.do_sl, L - m0, 0, Ev16, p.Ev);
   };
@@ -845,8 +850,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma(const __grid_constan
     load_tile<BN, SROW>(sV, vg + n0 * p.v_sl, p.v_sl, S - n0, 0, Ev16, p.Ev);
   };
   {
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sq.q0 * p.q_sl + m0 * p.q_sl;
-    const T* dg = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sq.q0 * p.do_sl + m0 * p.do_sl;
+    const T* qg =
+        static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t(sq.q0 + m0) * p.q_sl;
+    const T* dg =
+        static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + int64_t(sq.q0 + m0) * p.do_sl;
     load_tile<BM, SROW>(sQ, qg, p.q_sl, L - m0, 0, E16, p.E);
     load_tile<BM, SROW>(sdO, dg, p.do_sl, L - m0, 0, Ev16, p.Ev);
   }
@@ -1262,7 +1269,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_f32(const __grid_const
     const int h = hk * G + hh;
     const int bh = b * p.Hq + h;  // the query head
     const float* qg = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh + sq.q0 * p.q_sl;
-    const float* dg = static_cast<const float*>(p.dout) + b * p.do_sb + h * p.do_sh + sq.q0 * p.do_sl;
+    const float* dg =
+        static_cast<const float*>(p.dout) + b * p.do_sb + h * p.do_sh + sq.q0 * p.do_sl;
     const MaskView mv = mask_view(p, b, h);
     for (int mt = mt_begin; mt < mt_end; ++mt) {
       const int m0 = mt * kFTile;
@@ -1481,6 +1489,16 @@ dim3 grid_of(const char* who, int64_t xblocks, int64_t yblocks) {
   return dim3(unsigned(xblocks), unsigned(yblocks));
 }
 
+// One launch of an attention kernel on p: a gx x gy grid of kThreads-thread blocks with `smem`
+// bytes of dynamic shared memory.
+template <typename K>
+void launch(const char* who, K* kernel, int64_t gx, int64_t gy, size_t smem, int device,
+            cudaStream_t stream, const AttnParams& p) {
+  allow_smem(who, kernel, smem, device);
+  kernel<<<grid_of(who, gx, gy), kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Launches the forward kernels on p (inputs, out, lse and their layouts filled in): B (batches
 // or sequences) x Hq x p.L query rows.
 void launch_fwd(const char* who, AttnParams& p, at::ScalarType st, int64_t B, int device,
@@ -1489,9 +1507,7 @@ void launch_fwd(const char* who, AttnParams& p, at::ScalarType st, int64_t B, in
   if (st == at::kFloat) {
     p.nchunk = 1;
     const size_t smem = sizeof(float) * size_t(kFRows * p.E + kFTile * (p.E + 1) + kFTile * p.Ev);
-    allow_smem(who, attn_fwd_f32, smem, device);
-    attn_fwd_f32<<<grid_of(who, B * Hq, (p.L + kFRows - 1) / kFRows), kThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(who, attn_fwd_f32, B * Hq, (p.L + kFRows - 1) / kFRows, smem, device, stream, p);
     return;
   }
   dispatch_mma(st, padded_dim(std::max(p.E, p.Ev)), [&](auto tag, auto dim) {
@@ -1499,12 +1515,8 @@ void launch_fwd(const char* who, AttnParams& p, at::ScalarType st, int64_t B, in
     constexpr int D = decltype(dim)::value;
     using C = Cfg<D>;
     p.nchunk = (p.Ev + C::FWD_DC - 1) / C::FWD_DC;
-    const size_t smem = C::fwd_smem(sizeof(T));
-    auto kernel = attn_fwd_mma<T, D>;
-    allow_smem(who, kernel, smem, device);
-    kernel<<<grid_of(who, B * Hq * p.nchunk, (p.L + C::FWD_BM - 1) / C::FWD_BM), kThreads, smem,
-             stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(who, attn_fwd_mma<T, D>, B * Hq * p.nchunk, (p.L + C::FWD_BM - 1) / C::FWD_BM,
+           C::fwd_smem(sizeof(T)), device, stream, p);
   });
 }
 
@@ -1541,36 +1553,20 @@ void launch_bwd(const char* who, AttnParams& p, at::ScalarType st, int64_t B, in
     p.nchunk = 1;
     const size_t smem = sizeof(float) * size_t(kFRows * (p.E + p.Ev) +
                                                kFTile * (p.E + 1 + p.Ev + 1));
-    allow_smem(who, attn_bwd_dkdv_f32, smem, device);
-    attn_bwd_dkdv_f32<<<grid_of(who, B * Hk, (p.S + kFRows - 1) / kFRows), kThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    allow_smem(who, attn_bwd_dq_f32, smem, device);
-    attn_bwd_dq_f32<<<grid_of(who, B * Hq, (p.L + kFRows - 1) / kFRows), kThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(who, attn_bwd_dkdv_f32, B * Hk, (p.S + kFRows - 1) / kFRows, smem, device, stream, p);
+    launch(who, attn_bwd_dq_f32, B * Hq, (p.L + kFRows - 1) / kFRows, smem, device, stream, p);
     return;
   }
   dispatch_mma(st, padded_dim(std::max(p.E, p.Ev)), [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
     constexpr int D = decltype(dim)::value;
     using C = Cfg<D>;
-    {
-      p.nchunk = (std::max(p.E, p.Ev) + C::DC - 1) / C::DC;
-      const size_t smem = C::dkdv_smem(sizeof(T));
-      auto kernel = attn_bwd_dkdv_mma<T, D>;
-      allow_smem(who, kernel, smem, device);
-      kernel<<<grid_of(who, B * Hk * p.nchunk, (p.S + C::KV_BN - 1) / C::KV_BN), kThreads, smem,
-               stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    {
-      p.nchunk = (p.E + C::DQ_DC - 1) / C::DQ_DC;
-      const size_t smem = C::dq_smem(sizeof(T));
-      auto kernel = attn_bwd_dq_mma<T, D>;
-      allow_smem(who, kernel, smem, device);
-      kernel<<<grid_of(who, B * Hq * p.nchunk, (p.L + C::DQ_BM - 1) / C::DQ_BM), kThreads, smem,
-               stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    p.nchunk = (std::max(p.E, p.Ev) + C::DC - 1) / C::DC;
+    launch(who, attn_bwd_dkdv_mma<T, D>, B * Hk * p.nchunk, (p.S + C::KV_BN - 1) / C::KV_BN,
+           C::dkdv_smem(sizeof(T)), device, stream, p);
+    p.nchunk = (p.E + C::DQ_DC - 1) / C::DQ_DC;
+    launch(who, attn_bwd_dq_mma<T, D>, B * Hq * p.nchunk, (p.L + C::DQ_BM - 1) / C::DQ_BM,
+           C::dq_smem(sizeof(T)), device, stream, p);
   });
 }
 

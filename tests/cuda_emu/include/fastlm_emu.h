@@ -39,6 +39,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "fastlm_emu_half.h"
+
 // ---------------------------------------------------------------------------------------------
 // CUDA keywords.
 #define __global__
@@ -483,16 +485,8 @@ inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline unsigned __float_as_uint(float f) { return emu::f2u(f); }
+inline float __uint_as_float(unsigned u) { return emu::u2f(u); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }
 
 // CUDA's min / max overloads (device code calls them unqualified).
