@@ -291,3 +291,17 @@ def test_varlen_inconsistent_offsets_stay_in_bounds(emu):
     cu_k = torch.tensor([0, 30, 12], dtype=torch.int32)  # decreasing, past 12
     out, _ = emu.varlen_attention_fwd(q, k, k, cu_q, cu_k, 64, 64, None, 0.0, False, 0.25)
     assert torch.isfinite(out[:4]).all()
+
+
+def test_varlen_cuda_host_checks_name_the_argument(emu):
+    """The CUDA varlen ops' own checks (the shared ones are tested on the CPU op)."""
+    q = torch.zeros(6, 2, 16, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"max_seqlen_q and max_seqlen_k must be in \[0, 2"):
+        emu.varlen_attention_fwd(q, q, q, cu, cu, -1, 6, None, 0.0, False, 0.25)
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        q12 = torch.zeros(6, 2, 12, dtype=torch.bfloat16)
+        emu.varlen_attention_fwd(q12, q12, q12, cu, cu, 6, 6, None, 0.0, False, 0.25)
+    out, lse = emu.varlen_attention_fwd(q, q, q, cu, cu, 6, 6, None, 0.0, False, 0.25)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \(2, 6\)"):
+        emu.varlen_attention_bwd(out, q, q, q, out, lse.t(), cu, cu, 6, 6, None, 0.0, False, 0.25)
