@@ -559,9 +559,15 @@ def run(args, on_step=None):
 
     try:
         if dist.rank == 0:
-            return _run(args, on_step, dist)
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-            return _run(args, on_step, dist)
+            status = _run(args, on_step, dist)
+        else:
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                status = _run(args, on_step, dist)
+        # Leave together: rank 0 may still be sampling or saving when another rank is done,
+        # and gloo aborts a process ("terminate called without an active exception") whose
+        # peer is still using the group while it tears its own down.
+        torch.distributed.barrier()
+        return status
     finally:
         if dist.owner:
             torch.distributed.destroy_process_group()
