@@ -66,13 +66,19 @@ def interpreted(backend, device):
     return backend == "triton" and device == "cpu"
 
 
+# Slow profiles (mutation runs, long fuzzing, big-memory checks) run only on demand:
+# FASTLM_ONDEMAND=1 python -m pytest -m ondemand ...
+ONDEMAND = os.environ.get("FASTLM_ONDEMAND", "0") not in ("", "0")
+
+
 def pytest_collection_modifyitems(config, items):
-    if GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    skip_od = pytest.mark.skip(reason="on-demand profile: set FASTLM_ONDEMAND=1 to run it")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not GPU:
+            item.add_marker(skip_gpu)
+        if "ondemand" in item.keywords and not ONDEMAND:
+            item.add_marker(skip_od)
 
 
 @pytest.fixture(params=PAIRS)
