@@ -26,6 +26,7 @@ if not GPU:
 import fastlm  # noqa: E402  (after TRITON_INTERPRET)
 import torch.nn.functional as F  # noqa: E402
 from fastlm.ops.layer_norm import reference  # noqa: E402
+import smoke  # noqa: E402  (tests/smoke.py: the `smoke` marker's rules)
 
 # Absolute floor of the tolerance rule, by the dtype of the compared tensor.
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -74,6 +75,7 @@ ONDEMAND = os.environ.get("FASTLM_ONDEMAND", "0") not in ("", "0")
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     skip_od = pytest.mark.skip(reason="on-demand profile: set FASTLM_ONDEMAND=1 to run it")
+    smoke.mark(items)  # the GPU check's smoke subset (tests/smoke.py)
     for item in items:
         if "cuda" in item.keywords and not GPU:
             item.add_marker(skip_gpu)
