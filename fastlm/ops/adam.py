@@ -31,15 +31,16 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def reference_adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps,
                          lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
                          maximize, grad_scale, found_inf, clip_coef):
-    """The step in plain PyTorch ops, float32 arithmetic; skipped on the device when found_inf
-    is set (torch.where, no host synchronization)."""
-    f32 = torch.float32
-    lr_v = lr_tensor.to(f32) if lr_tensor is not None else torch.tensor(lr, dtype=f32)
+    """The step in plain PyTorch ops, float32 arithmetic (float64 for float64 params, as
+    torch.optim); skipped on the device when found_inf is set (torch.where, no host
+    synchronization)."""
     for i, p in enumerate(params):
         if p.numel() == 0:
             continue
         dev = p.device
-        lr_d = lr_v.to(dev)
+        f32 = torch.float64 if p.dtype == torch.float64 else torch.float32  # the compute type
+        lr_d = (lr_tensor.to(f32) if lr_tensor is not None else torch.tensor(lr, dtype=f32))
+        lr_d = lr_d.to(dev)
         g = grads[i].to(f32)
         if grad_scale is not None:
             g = g / grad_scale
