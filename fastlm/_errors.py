@@ -12,3 +12,8 @@ class ArgumentError(ValueError, RuntimeError):
 
 class ArgumentTypeError(TypeError, RuntimeError):
     """An argument of the wrong type or dtype (a TypeError and a RuntimeError)."""
+
+
+class UnsupportedDtypeError(ArgumentTypeError, NotImplementedError):
+    """A dtype the op has no implementation for, where torch raises NotImplementedError (an
+    integer input to layer_norm, say); also a TypeError and a RuntimeError."""

@@ -509,9 +509,10 @@ def test_bad_dropout_p():
 
 def test_bad_input_and_params_name_the_op():
     x = torch.randn(4, 8)
-    with pytest.raises(ValueError, match=r"fastlm.add_layer_norm: weight must have shape \[8\]"):
+    with pytest.raises(ValueError, match=r"fastlm.add_layer_norm: Expected weight to be of same "
+                       r"shape as normalized_shape, but got weight of shape \[7\]"):
         fastlm.add_layer_norm(x, x, 8, torch.ones(7))
-    with pytest.raises(ValueError, match="fastlm.add_layer_norm: given normalized_shape"):
+    with pytest.raises(ValueError, match="fastlm.add_layer_norm: Given normalized_shape"):
         fastlm.add_layer_norm(x, x, 7)
     with pytest.raises(TypeError, match="fastlm.add_layer_norm: input must be a floating-point"):
         fastlm.add_layer_norm(torch.ones(4, 8, dtype=torch.int32), x, 8)

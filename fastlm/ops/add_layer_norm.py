@@ -23,17 +23,15 @@ from torch import Tensor
 
 from .. import backends
 from .._errors import ArgumentError, ArgumentTypeError
+from .._log import log_once
 from ._common import lazy_triton_ops, register_autograd
 from .attention import _new_rng, dropout_scale, dropout_threshold, philox4x32_10
 from .layer_norm import KERNEL_DTYPES, MAX_N, _canonical_shape, _validate, layer_norm
 from .layer_norm import _check_2d as _ln_check_2d
 from .layer_norm import reference as _ln_reference
 
-WHO = "fastlm.add_layer_norm"
+WHO = "fastlm.add_layer_norm"  # its default order on a GPU: backends.CUDA_ORDER
 _M32 = 0xFFFFFFFF
-# On a GPU, Triton first: its kernels are verified (in the interpreter) against the reference,
-# while the CUDA kernels have yet to run on a GPU. Revisit once measured.
-_ORDER = {"cuda": ("triton", "cuda", "torch")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,16 +252,15 @@ def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, ep
             return layer_norm(summed, ns, weight, bias, eps), summed
         weight = None if weight is None else weight.float()
         bias = None if bias is None else bias.float()
-    name = backends.select(WHO, dev, input.dtype, KERNEL_DTYPES, has_kernel=_has_kernel,
-                           order=_ORDER.get(dev.type))
+    name = backends.select(WHO, dev, input.dtype, KERNEL_DTYPES, has_kernel=_has_kernel)
     rng = _new_rng(dev) if dropout_p > 0.0 else None
     if name == "torch":
         return reference(input, residual, ns, weight, bias, eps, dropout_p, rng)
     n = math.prod(ns)
-    if n > MAX_N:
-        raise ArgumentError(f"{WHO}: the normalized size is {n} elements but at most {MAX_N} "
-                            f"are supported by the {name} backend (the torch backend has no "
-                            "limit)")
+    if n > MAX_N:  # longer rows than the kernels take: the reference (torch's ops)
+        log_once("add_layer_norm-long-rows", f"{WHO}: rows of more than {MAX_N} elements run "
+                 "on the reference (torch ops); the kernels take rows of up to 2**20 elements")
+        return reference(input, residual, ns, weight, bias, eps, dropout_p, rng)
     rows = _rows(input.shape, ns)
     x2 = input.reshape(rows, n)
     r2 = residual.reshape(rows, n)

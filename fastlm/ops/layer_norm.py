@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .._errors import ArgumentError, ArgumentTypeError, UnsupportedDtypeError
+from .._log import log_once
 from ._common import lazy_triton_ops, register_autograd
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -152,39 +154,63 @@ def _canonical_shape(normalized_shape):
 
 
 def _validate(input, ns, weight, bias, who="fastlm.layer_norm"):
+    """torch's checks, with torch's words after `who`: the errors are torch's classes (bad
+    shapes and devices: fastlm.ArgumentError, a ValueError and a RuntimeError; bad dtypes:
+    fastlm.ArgumentTypeError, a TypeError and a RuntimeError; an integer input:
+    fastlm.UnsupportedDtypeError, also a NotImplementedError, as torch's)."""
     if not isinstance(input, Tensor):
-        raise TypeError(f"{who}: input must be a Tensor, got {type(input).__name__}")
+        raise ArgumentTypeError(f"{who}: argument 'input' (position 1) must be Tensor, not "
+                                f"{type(input).__name__}")
     if not input.is_floating_point():
-        raise TypeError(f"{who}: input must be a floating-point tensor (float32, "
-                        f"float16, bfloat16 or float64), got {input.dtype}")
+        raise UnsupportedDtypeError(f"{who}: input must be a floating-point tensor (float32, "
+                                    f"float16, bfloat16 or float64), got {input.dtype}")
     if len(ns) == 0:
-        raise ValueError(f"{who}: normalized_shape must have at least one dimension")
-    if tuple(input.shape[input.dim() - len(ns):]) != ns or input.dim() < len(ns):
-        raise ValueError(
-            f"{who}: given normalized_shape={list(ns)}, expected input with shape "
-            f"[*, {', '.join(map(str, ns))}], but got input of size {list(input.shape)}")
+        raise ArgumentError(f"{who}: Expected normalized_shape to be at least 1-dimensional, "
+                            "i.e., containing at least one element, but got normalized_shape "
+                            "= []")
+    if input.dim() < len(ns) or tuple(input.shape[input.dim() - len(ns):]) != ns:
+        raise ArgumentError(
+            f"{who}: Given normalized_shape={list(ns)}, expected input with shape "
+            f"[*, {', '.join(map(str, ns))}], but got input of size{list(input.shape)}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
         if tuple(p.shape) != ns:
-            raise ValueError(f"{who}: {name} must have shape {list(ns)} (the "
-                             f"normalized_shape), got {list(p.shape)}")
+            raise ArgumentError(f"{who}: Expected {name} to be of same shape as "
+                                f"normalized_shape, but got {name} of shape {list(p.shape)} "
+                                f"and normalized_shape = {list(ns)}")
         if p.device != input.device:
-            raise ValueError(f"{who}: {name} is on {p.device} but input is on "
-                             f"{input.device}; expected both on the same device")
+            raise ArgumentError(f"{who}: {name} is on {p.device} but input is on "
+                                f"{input.device}; expected both on the same device")
         if p.dtype not in (input.dtype, torch.float32):
-            raise TypeError(f"{who}: {name} must have the input's dtype "
-                            f"({input.dtype}) or float32, got {p.dtype}")
+            raise ArgumentTypeError(f"{who}: {name} must have the input's dtype "
+                                    f"({input.dtype}) or float32, got {p.dtype}")
+        if p.dtype != input.dtype and input.dtype == torch.float64:  # as torch: no mix
+            raise ArgumentTypeError(f"{who}: {name} must have the input's dtype "
+                                    f"({input.dtype}), got {p.dtype}")
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        raise TypeError(f"{who}: weight and bias must have the same dtype, got "
-                        f"{weight.dtype} and {bias.dtype}")
+        raise ArgumentTypeError(f"{who}: weight and bias must have the same dtype, got "
+                                f"{weight.dtype} and {bias.dtype}")
+
+
+def _long_rows(input, ns, weight, bias, eps):
+    """LayerNorm over rows longer than the kernels take (MAX_N elements; vision models have
+    them): torch's own kernel when weight and bias have the input's dtype, else the
+    reference (float32 arithmetic). Same result as torch, at torch's speed."""
+    log_once("layer_norm-long-rows", f"fastlm.layer_norm: rows of more than {MAX_N} elements "
+             "run on torch's layer_norm (or the reference with float32 weight/bias on 16-bit "
+             "input); the kernels take rows of up to 2**20 elements")
+    if all(p is None or p.dtype == input.dtype for p in (weight, bias)):
+        return torch.nn.functional.layer_norm(input, ns, weight, bias, eps)
+    return reference(input, ns, weight, bias, eps)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """torch.nn.functional.layer_norm on fastlm's fused kernels (same arguments and result).
 
     Backend: the fastest available for input's device (see fastlm.backends); float64 runs on
-    the torch reference. Rows longer than 2**20 elements are rejected by the kernel backends.
+    the torch reference. Rows longer than 2**20 elements (the kernels' limit) run on torch's
+    own layer_norm (see _long_rows).
     """
     ns = _canonical_shape(normalized_shape)
     _validate(input, ns, weight, bias)
@@ -197,9 +223,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         bias = None if bias is None else bias.float()
     n = math.prod(ns)
     if n > MAX_N:
-        raise ValueError(f"fastlm.layer_norm: the normalized size is {n} elements but at most "
-                         f"{MAX_N} are supported by the {name} backend (the torch backend has "
-                         "no limit)")
+        return _long_rows(input, ns, weight, bias, eps)
     x2 = input.reshape(-1, n)
     w = None if weight is None else weight.reshape(n)
     b = None if bias is None else bias.reshape(n)
