@@ -2,9 +2,10 @@
 
 Backends: ``cuda`` (CUDA C++ kernels in fastlm._C), ``triton`` (kernels/), ``cpu`` (C++ CPU
 kernels in fastlm._C) and ``torch`` (the pure-PyTorch reference). The default for a tensor is
-the fastest available backend for its device: cuda > triton > torch on a GPU, cpu > torch on
-the CPU. Override with ``with fastlm.use_backend("triton"): ...`` or the environment variable
-``FASTLM_BACKEND`` (read at import and by :func:`reload_env`); the context manager wins.
+the fastest available backend for its device: per op on a GPU (CUDA_ORDER, else cuda > triton >
+torch), cpu > torch on the CPU. Override with ``with fastlm.use_backend("triton"): ...`` or the
+environment variable ``FASTLM_BACKEND`` (read at import and by :func:`reload_env`); the context
+manager wins.
 """
 
 import contextlib
@@ -16,6 +17,21 @@ from . import _ext
 
 NAMES = ("cuda", "triton", "cpu", "torch")
 _DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+# The default backend per op on CUDA tensors, in one place (ops not listed: _DEFAULT_ORDER).
+# NOT YET MEASURED: no GPU has run fastlm's kernels. Triton comes first where its kernels were
+# verified against the reference (in the interpreter) while the CUDA C++ kernels had run only in
+# the emulator. scripts/gpu_run.sh + scripts/gpu_report.py print the order a GPU run implies (a
+# backend that failed its tests is never a default; then the fastest at the headline shapes):
+# copy it here with those numbers (README, benchmarks/NOTES.md).
+CUDA_ORDER = {
+    "fastlm.layer_norm": ("cuda", "triton", "torch"),
+    "fastlm.add_layer_norm": ("triton", "cuda", "torch"),
+    "fastlm.scaled_dot_product_attention": ("triton", "cuda", "torch"),
+    "fastlm.varlen_attention": ("triton", "cuda", "torch"),
+    "fastlm.adam_step_": ("cuda", "triton", "torch"),
+    "fastlm.sum_of_squares": ("cuda", "triton", "torch"),
+}
 
 
 class BackendUnavailable(RuntimeError):
@@ -118,13 +134,15 @@ def select(op, device, dtype, kernel_dtypes, has_kernel=None, order=None):
     Kernel backends take the dtypes in `kernel_dtypes`; for any other (float64, say) the
     automatic choice is the torch reference, and a forced kernel backend is an error.
     `has_kernel(device_type)` says whether fastlm._C holds this op's C++ kernel; `order`
-    overrides the default preference order for the device.
+    overrides the preference order for the device (default: CUDA_ORDER[op] on CUDA tensors,
+    else _DEFAULT_ORDER).
     """
     name = forced()
     dev = device.type
     if name is None:
         if dtype not in kernel_dtypes:
             return "torch"
+        order = order or (CUDA_ORDER.get(op) if dev == "cuda" else None)
         for cand in (order or _DEFAULT_ORDER.get(dev, ("torch",))):
             if cand == "torch" or _usable(cand, dev, has_kernel)[0]:
                 return cand

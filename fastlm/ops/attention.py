@@ -313,7 +313,7 @@ def _has_kernel(device_type):
 
 
 # Varlen: the C++ op runs on the CPU (csrc/cpu/attention.cpp) and on CUDA tensors
-# (csrc/cuda/attention.cu); on CUDA tensors the Triton kernels are preferred (_VARLEN_ORDER).
+# (csrc/cuda/attention.cu); on CUDA tensors the Triton kernels are preferred (CUDA_ORDER).
 def _register_varlen(fwd_name, bwd_name, bwd_op):
     _register(fwd_name, bwd_name, bwd_op, "fastlm.varlen_attention")
 
@@ -385,10 +385,7 @@ triton_ops_ready = lazy_triton_ops(_register_triton_ops)
 
 # ---------------------------------------------------------------------------------------------
 # The public functions.
-_WHO = "fastlm.scaled_dot_product_attention"
-# On a GPU, Triton first: its kernels are verified (in the interpreter) against the reference,
-# while the CUDA kernels have yet to run on a GPU (see the README). Revisit once measured.
-_ORDER = {"cuda": ("triton", "cuda", "torch")}
+_WHO = "fastlm.scaled_dot_product_attention"  # its default order on a GPU: backends.CUDA_ORDER
 
 
 def _err(cls, msg, who=_WHO):
@@ -525,8 +522,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if mask is not None and mask.is_floating_point() and mask.dtype not in (torch.float32,
                                                                             q.dtype):
         mask = mask.float()
-    name = backends.select(_WHO, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_kernel,
-                           order=_ORDER.get(dev.type))
+    name = backends.select(_WHO, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_kernel)
     if name != "torch" and (E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM):
         raise _err(ValueError, f"head dims must be at most {MAX_HEAD_DIM} on the {name} backend, "
                                f"got query/key {E} and value {Ev} (the torch backend has no "
@@ -636,8 +632,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     E, Ev = q.shape[2], v.shape[2]
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    name = backends.select(who, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_varlen_kernel,
-                           order=_VARLEN_ORDER.get(dev.type))
+    name = backends.select(who, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_varlen_kernel)
     if name != "torch" and (E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM):
         raise _err(ValueError, f"head dims must be at most {MAX_HEAD_DIM} on the {name} "
                                f"backend, got q/k {E} and v {Ev} (the torch backend has no "
@@ -657,6 +652,3 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         out, _ = op(q, k, v, *args)
     return out
 
-
-# Varlen on a GPU: as the dense op, Triton first, then the CUDA C++ kernels, else the reference.
-_VARLEN_ORDER = {"cuda": ("triton", "cuda", "torch")}
