@@ -1050,7 +1050,7 @@ BAD_INPUT = {
                           TypeError, "attn_mask must be a Tensor or None, got list"),
     "mask-and-causal": (lambda d: (_t(1, 2, 5, 8, device=d),) * 3,
                         dict(attn_mask=torch.ones(5, 5, dtype=torch.bool), is_causal=True),
-                        ValueError, r"pass either attn_mask or is_causal=True, not both"),
+                        RuntimeError, "Explicit attn_mask should not be set when is_causal=True"),
     "dtypes-differ": (lambda d: (_t(1, 2, 5, 8, device=d),
                                  _t(1, 2, 6, 8, dtype=torch.float16, device=d),
                                  _t(1, 2, 6, 8, device=d)), {}, TypeError,

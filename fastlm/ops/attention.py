@@ -11,6 +11,7 @@ the tensors' device, so results are reproducible under torch.manual_seed.
 """
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from .. import backends
 from .._errors import ArgumentError, ArgumentTypeError
+from .._log import log_once
 from ._common import lazy_triton_ops, register_autograd
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -498,6 +500,40 @@ def _new_rng(device):
     return torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, device=device)
 
 
+def _beyond_head_dim(who):
+    """The backend for head dims the kernels do not take (over MAX_HEAD_DIM) when none is
+    forced: the reference, as torch runs any head dim (said once)."""
+    log_once(f"{who}-head-dim", f"{who}: head dims over {MAX_HEAD_DIM} run on the reference "
+             "(torch ops); the kernels take up to 256")
+    return "torch"
+
+
+def _is_causal_bias(attn_mask):
+    """Whether attn_mask is a torch.nn.attention.bias.CausalBias (a Tensor subclass that holds
+    no values: torch's sdpa dispatches on it). Its module is not imported here: a user who made
+    one has imported it."""
+    bias = sys.modules.get("torch.nn.attention.bias")
+    return bias is not None and isinstance(attn_mask, bias.CausalBias)
+
+
+def _from_causal_bias(bias, is_causal, device):
+    """(attn_mask, is_causal) for a CausalBias, by torch's rules (CausalBias._dispatch): the
+    upper-left variant, or equal lengths, is is_causal=True (fastlm's causal is upper-left, as
+    torch's); lower-right is its bool mask, True on and below the diagonal that ends in the
+    bottom-right corner (rows above the first key attend to nothing: zeros, see above)."""
+    from torch.nn.attention.bias import CausalVariant
+
+    if is_causal:
+        raise _err(ValueError, "CausalBias should not be used with causal=True")
+    L, S = bias.seq_len_q, bias.seq_len_kv
+    if L == S or bias.variant == CausalVariant.UPPER_LEFT:
+        return None, True
+    if bias.variant != CausalVariant.LOWER_RIGHT:
+        raise _err(ValueError, f"CausalBias.variant must be a CausalVariant type, but found: "
+                               f"{bias.variant}")
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril(S - L), False
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention on fastlm's fused kernels.
@@ -506,11 +542,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     gives zeros (and zero gradients) on every backend (torch gives NaN on some of its paths). Dropout bits come from fastlm's Philox
     stream (docs/attention.md), seeded from torch's generator. float64 runs on the reference; a
     floating attn_mask that requires grad runs on the reference (the kernels do not compute the
-    mask's gradient). Head dims up to 256.
+    mask's gradient). Head dims up to 256. attn_mask may be a torch.nn.attention.bias
+    CausalBias (causal_upper_left / causal_lower_right), as in torch.
     """
+    if _is_causal_bias(attn_mask):
+        attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, query.device)
     _check_inputs(query, key, value, attn_mask, dropout_p)
     if attn_mask is not None and is_causal:
-        raise _err(ValueError, "pass either attn_mask or is_causal=True, not both (as torch)")
+        # torch's words (users match on them); a RuntimeError, as torch's, and a ValueError
+        raise _err(ValueError, "Explicit attn_mask should not be set when is_causal=True")
     dev = query.device
     if torch.is_autocast_enabled(dev.type) and query.dtype != torch.float64:
         dt = torch.get_autocast_dtype(dev.type)  # sdpa is on autocast's lower-precision list
@@ -524,9 +564,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         mask = mask.float()
     name = backends.select(_WHO, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_kernel)
     if name != "torch" and (E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM):
-        raise _err(ValueError, f"head dims must be at most {MAX_HEAD_DIM} on the {name} backend, "
-                               f"got query/key {E} and value {Ev} (the torch backend has no "
-                               "limit)")
+        if backends.forced() is not None:
+            raise _err(ValueError, f"head dims must be at most {MAX_HEAD_DIM} on the {name} "
+                                   f"backend, got query/key {E} and value {Ev} (the torch "
+                                   "backend has no limit)")
+        name = _beyond_head_dim(_WHO)
     if name == "cuda" and (E % 8 or Ev % 8):
         if backends.forced() == "cuda":
             raise _err(ValueError, f"the cuda backend supports head dims that are multiples of "
@@ -634,9 +676,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     dropout_p = float(dropout_p)
     name = backends.select(who, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_varlen_kernel)
     if name != "torch" and (E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM):
-        raise _err(ValueError, f"head dims must be at most {MAX_HEAD_DIM} on the {name} "
-                               f"backend, got q/k {E} and v {Ev} (the torch backend has no "
-                               "limit)", who)
+        if backends.forced() is not None:
+            raise _err(ValueError, f"head dims must be at most {MAX_HEAD_DIM} on the {name} "
+                                   f"backend, got q/k {E} and v {Ev} (the torch backend has no "
+                                   "limit)", who)
+        name = _beyond_head_dim(who)
     if q.numel() == 0 or k.shape[0] == 0 or Ev == 0:
         name = "torch"
     rng = _new_rng(dev) if dropout_p > 0.0 else None
