@@ -33,12 +33,16 @@ class BenchPoint:
 
     def run(self, benchmark):
         """Check the implementation against the oracle, then time it with `benchmark`."""
-        from fastlm.bench.runner import max_abs_errors
+        from fastlm.bench.runner import max_abs_errors, no_donated_buffers
 
+        with no_donated_buffers():
+            self._run(benchmark, max_abs_errors)
+
+    def _run(self, benchmark, max_abs_errors):
         inputs = self.case.make_inputs(self.shape, torch.device(self.device))
         fn = self.impl.prepare(inputs, self.direction)
-        expected = self.case.oracle(inputs, self.direction)
-        errors = max_abs_errors(fn(), expected, self.case.outputs[self.direction])
+        expected = self.case.expected(inputs, self.direction)
+        errors = max_abs_errors(fn(), expected, self.case.outputs_of(self.direction))
         del expected
         if self.device == "cuda":
             def step():
@@ -48,10 +52,12 @@ class BenchPoint:
             benchmark.pedantic(step, rounds=50, warmup_rounds=5, iterations=1)
         else:
             benchmark(fn)
-        benchmark.extra_info.update(shape=self.shape, direction=self.direction,
-                                    max_err=max(errors.values()))
+        benchmark.extra_info.update(
+            shape=self.shape, direction=self.direction,
+            max_err=None if self.impl.error_na else max(errors.values()),
+            error_na=self.impl.error_na)
         if self.case.bytes:
-            nbytes = self.case.bytes(self.shape, self.direction)
+            nbytes = self.case.bytes_of(self.shape, self.direction)
             benchmark.extra_info.update(
                 bytes=nbytes, gbps=nbytes / benchmark.stats.stats.median / 1e9)
 
@@ -60,6 +66,7 @@ def pytest_generate_tests(metafunc):
     if "bench_point" not in metafunc.fixturenames:
         return
     from fastlm import bench
+    from fastlm.bench import runner
 
     config = metafunc.config
     device = config.getoption("--fastlm-device") or (
@@ -68,7 +75,7 @@ def pytest_generate_tests(metafunc):
     quick = config.getoption("--fastlm-quick")
     params = []
     for shape in case.shape_list(device, quick):
-        for direction in case.directions:
+        for direction in runner.directions(case, "quick" if quick else "full"):
             for impl in case.impls:
                 ok, why = bench.registry.availability(impl, device)
                 if ok and quick and device not in impl.quick_devices:

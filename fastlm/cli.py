@@ -1,7 +1,9 @@
 """The `fastlm` command: `fastlm info`, `fastlm bench`, `fastlm compile`, `fastlm train`.
 
-    fastlm info                                      versions, build, backends on this machine
-    fastlm bench [OPS...] [--device cpu|cuda] [--quick] [--json PATH] [--plot PATH]
+    fastlm --version
+    fastlm info [--json]                             versions, build, backends on this machine
+    fastlm bench [OPS...] [--device cpu|cuda] [--profile full|quick|headline|tiny] [--quick]
+                 [--json PATH] [--pytest-json PATH] [--plot PATH]
     fastlm compile --arch sm_90 [...]                see `fastlm compile --help`
     fastlm train [--data PATH] [--steps N] [...]     a byte-level GPT; see `fastlm train --help`
 
@@ -13,47 +15,76 @@ import argparse
 import sys
 
 
-def info(args):
-    """Print versions, the state of fastlm._C and its CUDA kernels, and the backend table."""
+def info_dict():
+    """Everything `fastlm info` reports, as a dict (for bug reports: `fastlm info --json`)."""
     import torch
 
     from fastlm import _ext, backends
     from fastlm.bench import env
+
+    out = {"versions": env.versions(), "git_commit": env.git_commit(),
+           "extension": {"loaded": _ext.C is not None,
+                         "file": _ext.C.__file__ if _ext.C is not None else None,
+                         "error": _ext.ERROR, "cuda_archs": _ext.cuda_archs()},
+           "gpu": (env.device_name(torch.device("cuda")) if torch.cuda.is_available()
+                   else None),
+           "cpu": env.device_name(torch.device("cpu")),
+           "backends": {name: {d: {"available": ok, "reason": why or None}
+                               for d, (ok, why) in per.items()}
+                        for name, per in backends.available().items()},
+           "default": {d: backends.default_for(d) for d in ("cuda", "cpu")}}
+    if out["extension"]["cuda_archs"]:
+        found, why = env.cubin_archs(_ext.C.__file__)
+        out["extension"]["cubins"] = found
+        out["extension"]["cubins_error"] = why
+    return out
+
+
+def info(args):
+    """Print versions, the state of fastlm._C and its CUDA kernels, and the backend table."""
+    import json
+
+    from fastlm import backends
     from fastlm.bench.report import format_table
 
-    v = env.versions()
+    d = info_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    v = d["versions"]
     print(f"fastlm  {v['fastlm']}")
     print(f"torch   {v['torch']} (built with CUDA {v['torch_cuda'] or 'none: a CPU build'})")
     print(f"triton  {v['triton'] or 'not installed'}")
     print(f"python  {v['python']}")
-    if _ext.C is None:
-        print(f"fastlm._C: not loaded: {_ext.ERROR}")
+    ext = d["extension"]
+    if not ext["loaded"]:
+        print(f"fastlm._C: not loaded: {ext['error']}")
     else:
-        print(f"fastlm._C: loaded from {_ext.C.__file__}")
-        archs = _ext.cuda_archs()
+        print(f"fastlm._C: loaded from {ext['file']}")
+        archs = ext["cuda_archs"]
         print(f"CUDA kernels: {'built for ' + ', '.join(archs) if archs else 'not built'}")
         if archs:
-            found, why = env.cubin_archs(_ext.C.__file__)
-            print(f"cuobjdump --list-elf: {', '.join(found) if found else why or 'no cubins'}")
-    gpu = env.device_name(torch.device("cuda")) if torch.cuda.is_available() else "none visible"
-    print(f"GPU: {gpu}")
-    table = backends.available()
+            found = ext.get("cubins")
+            print(f"cuobjdump --list-elf: "
+                  f"{', '.join(found) if found else ext.get('cubins_error') or 'no cubins'}")
+    print(f"GPU: {d['gpu'] or 'none visible'}")
     devices = ("cuda", "cpu")
-    rows = [[name] + ["yes" if table[name][d][0] else "no" for d in devices]
+    table = d["backends"]
+    rows = [[name] + ["yes" if table[name][dv]["available"] else "no" for dv in devices]
             for name in backends.NAMES]
     print("\nbackends, by the device of the tensors:")
     print(format_table(["backend", *devices], rows))
     for name in backends.NAMES:
-        for d in devices:
-            ok, why = table[name][d]
-            if not ok:
-                print(f"  {name} on {d}: {why}")
-    print(f"default: cuda -> {backends.default_for('cuda')}, cpu -> {backends.default_for('cpu')}")
+        for dv in devices:
+            if not table[name][dv]["available"]:
+                print(f"  {name} on {dv}: {table[name][dv]['reason']}")
+    print(f"default: cuda -> {d['default']['cuda']}, cpu -> {d['default']['cpu']}")
     return 0
 
 
 def bench(args):
-    """Run the benchmark cases; print the tables; write the JSON and the plot if asked."""
+    """Run the benchmark cases; print the tables; write the JSON and the plot if asked. Exit
+    status 1 when any measurement failed (each failure is a line of the report)."""
     import torch
 
     from fastlm import bench as fb
@@ -61,21 +92,37 @@ def bench(args):
     unknown = [op for op in args.ops if op not in fb.CASES]
     if unknown:
         args.error(f"unknown op {', '.join(unknown)}: choose from {', '.join(fb.names())}")
+    if args.quick and args.profile not in (None, "quick"):
+        args.error(f"--quick is --profile quick; it cannot be combined with --profile "
+                   f"{args.profile}")
+    profile = args.profile or ("quick" if args.quick else "full")
     gpu = torch.cuda.is_available()
     device = args.device or ("cuda" if gpu else "cpu")
     if device == "cuda" and not gpu:
         args.error("device cuda is not available here (torch.cuda.is_available() is False): "
                      "valid choice: cpu")
-    report = fb.run(args.ops or fb.names(), device, quick=args.quick,
-                    progress=not args.no_progress)
+    ops = args.ops or fb.names()
+    print(f"fastlm bench: {', '.join(ops)} on {device}, profile {profile}", flush=True)
+    report = fb.run(ops, device, profile=profile, progress=not args.no_progress,
+                    announce=lambda text: print(f"plan: {text}", flush=True))
     print(fb.report.render(report))
     if args.json:
         fb.report.write_json(report, args.json)
         print(f"\nwrote {args.json}")
+    if args.pytest_json:
+        fb.report.write_pytest_benchmark_json(report, args.pytest_json)
+        print(f"wrote {args.pytest_json} (pytest-benchmark format)")
+    if args.markdown:
+        command = " ".join(["fastlm bench", *args.ops]
+                           + (["--device", args.device] if args.device else [])
+                           + (["--profile", profile] if profile != "full" else []))
+        with open(args.markdown, "w") as f:
+            f.write(fb.report.to_markdown(report, command))
+        print(f"wrote {args.markdown} (markdown tables)")
     if args.plot:
         fb.report.write_plot(report, args.plot)
         print(f"wrote {args.plot}")
-    return 0
+    return 1 if report["failures"] else 0
 
 
 def compile_(rest):
@@ -146,21 +193,44 @@ def _add_train_arguments(p):
                         "on the whole model) instead of DistributedDataParallel")
 
 
+def _version():
+    """fastlm's version without importing it (and torch): the installed distribution's."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("fastlm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser():
     """The argparse parser of the `fastlm` command."""
     parser = argparse.ArgumentParser(prog="fastlm", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"fastlm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="{info,bench,compile,train}")
     p = sub.add_parser("info", help="versions, build and which backends work here")
+    p.add_argument("--json", action="store_true", help="print it as JSON (for bug reports)")
     p.set_defaults(func=info)
     p = sub.add_parser("bench", help="benchmark ops against PyTorch and peers")
     p.add_argument("ops", nargs="*", metavar="OP",
                    help="ops to benchmark (default: all registered ones)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda when a GPU is visible, else cpu")
-    p.add_argument("--quick", action="store_true", help="a few small shapes only")
+    p.add_argument("--profile", choices=("full", "quick", "headline", "tiny"),
+                   help="which shapes: full (default: the sweeps and real models' layers), "
+                        "quick (a few small shapes), headline (the GPU check's rows; tiny "
+                        "shapes on the CPU), tiny (every implementation at tiny sizes)")
+    p.add_argument("--quick", action="store_true", help="the same as --profile quick")
     p.add_argument("--json", metavar="PATH", help="write every number and metadata as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG plot of GB/s against N")
+    p.add_argument("--pytest-json", metavar="PATH",
+                   help="also write the results in pytest-benchmark's JSON format "
+                        "(for `pytest-benchmark compare`)")
+    p.add_argument("--markdown", metavar="PATH",
+                   help="write the results as markdown tables headed by the command and the "
+                        "machine (the README's results tables)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="write a PNG plot: speed against the shape, and peak memory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=bench, error=p.error)
     sub.add_parser("compile", add_help=False,

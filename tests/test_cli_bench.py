@@ -39,25 +39,26 @@ def test_bench_cpu_quick_writes_json_and_png(tmp_path, capsys):
     assert "skipped layer_norm fastlm-triton" in out
 
     report = json.loads(js.read_text())
-    assert set(report) == {"meta", "ceilings", "skipped", "results"}
+    assert set(report) == {"meta", "ceilings", "skipped", "results", "failures"}
+    assert report["failures"] == 0
     meta = report["meta"]
     for key in ("device", "torch", "triton", "python", "fastlm", "git_commit", "date",
                 "cuda_archs"):
         assert key in meta
-    assert meta["device_type"] == "cpu" and meta["quick"] is True
+    assert meta["device_type"] == "cpu" and meta["quick"] is True and meta["profile"] == "quick"
     assert meta["fastlm"] == fastlm.__version__ and meta["torch"] == torch.__version__
     assert report["ceilings"]["copy_gbps"] > 0 and report["ceilings"]["matmul_tflops"] > 0
 
     results = report["results"]
     expected = {"torch"} | ({"fastlm-cpu"} if backends.available()["cpu"]["cpu"][0] else set())
-    for direction in ("forward", "backward"):
+    for direction in ("forward", "backward", "forward+backward"):
         rows = {r["backend"]: r for r in results if r["direction"] == direction}
         assert set(rows) == expected
         assert rows["torch"]["x_torch"] == 1.0
         for r in rows.values():
             assert r["shape"] == {"M": 4096, "N": 1024, "dtype": "float32"}
             assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0 and r["x_torch"] > 0
-            per_elem = (2 if direction == "forward" else 3) * 4
+            per_elem = {"forward": 2, "backward": 3, "forward+backward": 5}[direction] * 4
             assert r["bytes"] == 4096 * 1024 * per_elem
             assert math.isclose(r["gbps"], r["bytes"] / r["ms"] / 1e6)
             assert r["max_err"] == max(r["errors"].values())
@@ -66,7 +67,7 @@ def test_bench_cpu_quick_writes_json_and_png(tmp_path, capsys):
     bwd = [r for r in results if r["direction"] == "backward"]
     assert all(set(r["errors"]) == {"dx", "dw", "db"} for r in bwd)
     skipped = {s["backend"] for s in report["skipped"]}
-    assert {"fastlm-cuda", "fastlm-triton", "liger"} <= skipped
+    assert {"fastlm-cuda", "fastlm-triton", "liger", "torch-compile"} <= skipped
 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

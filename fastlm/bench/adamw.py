@@ -1,6 +1,7 @@
 """AdamW step benchmark on a GPT-2 parameter set: fastlm's fused step per backend against
-torch.optim.AdamW(fused=True) (the reference row) and foreach=True; and the step with gradient
-clipping (fastlm's max_grad_norm against clip_grad_norm_(foreach=True) + fused AdamW).
+torch.optim.AdamW(fused=True) (the reference row), foreach=True, and the foreach step under
+torch.compile; and the step with gradient clipping (fastlm's max_grad_norm against
+clip_grad_norm_(foreach=True) + fused AdamW).
 
 Bytes per parameter (each tensor read once, each output written once): float32 28 (read p, g,
 m, v; write p, m, v); clipping adds a read of g (32). bfloat16 params with float32 master
@@ -52,8 +53,9 @@ def make_inputs(shape, device):
     return {"shapes": shapes, "p": p, "g": grad, "dtype": getattr(torch, shape["dtype"])}
 
 
-def _setup(inputs, optimizer, clip_with_torch=False):
-    """Fresh params (views of one flat buffer) with grads, and the timed step."""
+def _setup(inputs, optimizer, clip_with_torch=False, compile_it=False):
+    """Fresh params (views of one flat buffer) with grads, and the timed step (under
+    torch.compile when `compile_it`)."""
     dt = inputs["dtype"]
     flat = inputs["p"].to(dt).clone()
     gflat = inputs["g"].to(dt).clone()
@@ -62,10 +64,16 @@ def _setup(inputs, optimizer, clip_with_torch=False):
         p.grad = g
     opt = optimizer(params)
 
-    def step():
+    def update():
         if clip_with_torch:
             torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
         opt.step()
+
+    if compile_it:
+        update = torch.compile(update)
+
+    def step():
+        update()
         return (flat,)
 
     return step
@@ -89,11 +97,11 @@ def _fastlm(backend):
     return Impl(f"fastlm-{backend}", "fastlm", prepare, backend=backend)
 
 
-def _torch(fused):
+def _torch(fused, compile_it=False):
     def prepare(inputs, direction):
         kw = {"fused": True} if fused else {"foreach": True}
         return _setup(inputs, lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD, **kw),
-                      clip_with_torch=direction == "step+clip")
+                      clip_with_torch=direction == "step+clip", compile_it=compile_it)
 
     return prepare
 
@@ -121,9 +129,14 @@ CASE = register(Case(
     shapes={
         "cuda": {"full": [{"model": "gpt2-124M", "dtype": "float32"},
                           {"model": "gpt2-124M", "dtype": "bfloat16"}],
-                 "quick": [{"model": "gpt2-124M", "dtype": "float32"}]},
+                 "quick": [{"model": "gpt2-124M", "dtype": "float32"}],
+                 "headline": [{"model": "gpt2-124M", "dtype": "float32"}],
+                 "tiny": [{"model": "gpt2-small-test", "dtype": "float32"},
+                          {"model": "gpt2-small-test", "dtype": "bfloat16"}]},
         "cpu": {"full": [{"model": "gpt2-12.6M", "dtype": "float32"}],
-                "quick": [{"model": "gpt2-12.6M", "dtype": "float32"}]},
+                "quick": [{"model": "gpt2-12.6M", "dtype": "float32"}],
+                "headline": [{"model": "gpt2-small-test", "dtype": "float32"}],
+                "tiny": [{"model": "gpt2-small-test", "dtype": "float32"}]},
     },
     make_inputs=make_inputs,
     impls=(
@@ -132,6 +145,8 @@ CASE = register(Case(
         _fastlm("cpu"),
         Impl("torch", "torch", _torch(fused=True)),
         Impl("torch-foreach", "peer", _torch(fused=False), module="torch", install="torch"),
+        Impl("torch-compile", "peer", _torch(fused=False, compile_it=True), module="torch",
+             install="torch", quick_devices=("cuda",)),
     ),
     oracle=oracle,
     outputs={"step": ("params",), "step+clip": ("params",)},

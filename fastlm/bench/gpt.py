@@ -44,6 +44,8 @@ MODELS = {  # name -> GPTConfig arguments
     # A small GPT for a 2-core CPU: with GPT-2's vocabulary the head alone would be 80% of the
     # step and --quick would take minutes.
     "gpt-cpu": {"vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_embd": 256},
+    # The "tiny" profile's model: the full path (every row, compiled ones included) in seconds.
+    "gpt-tiny": {"vocab_size": 256, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64},
 }
 
 
@@ -231,7 +233,11 @@ def _shapes():
                          f"{text!r}") from None
     gpu = [{"model": "gpt2-124M", "B": b, "T": 1024, "dtype": "bfloat16"} for b in batches]
     cpu = [{"model": "gpt-cpu", "B": 4, "T": 256, "dtype": "float32"}]
-    return {"cuda": {"full": gpu, "quick": gpu[:1]}, "cpu": {"full": cpu, "quick": cpu}}
+    tiny = {"model": "gpt-tiny", "B": 2, "T": 32}
+    return {"cuda": {"full": gpu, "quick": gpu[:1], "headline": gpu[:1],
+                     "tiny": [dict(tiny, dtype="bfloat16")]},
+            "cpu": {"full": cpu, "quick": cpu, "headline": [dict(tiny, dtype="float32")],
+                    "tiny": [dict(tiny, dtype="float32")]}}
 
 
 CASE = register(Case(

@@ -1,6 +1,7 @@
-"""LayerNorm benchmark: fastlm's kernels (timed through the raw ops), torch, and Liger-Kernel.
+"""LayerNorm benchmark: fastlm's kernels (timed through the raw ops), torch eager, torch.compile
+of F.layer_norm, and Liger-Kernel.
 
-Forward and backward are timed separately; a backward runs the backward op alone on the
+Forward, backward and the two together are timed; a backward runs the backward op alone on the
 statistics saved by an untimed forward. Bytes: forward 2·M·N·size (read x, write y), backward
 3·M·N·size (read x and dy, write dx); weight, bias and the statistics are small.
 """
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Case, Impl, register
-from .rows import matrix_bytes, row_shapes, seeded_randn
+from .rows import autograd_prepare, compiled, matrix_bytes, row_shapes, seeded_randn
 
 EPS = 1e-5
 
@@ -50,6 +51,11 @@ def _fastlm(backend):
         x, w, b, dy, eps = (inputs[k] for k in ("x", "w", "b", "dy", "eps"))
         if direction == "forward":
             return lambda: fwd(x, w, b, eps)[:1]
+        if direction == "forward+backward":
+            def both():
+                y, mean, rstd = fwd(x, w, b, eps)
+                return (y, *bwd(dy, x, mean, rstd, w, b, True, True))
+            return both
         _, mean, rstd = fwd(x, w, b, eps)
         return lambda: bwd(dy, x, mean, rstd, w, b, True, True)
 
@@ -61,20 +67,32 @@ def _torch(inputs, direction):
     ns = [x.shape[-1]]
     if direction == "forward":
         return lambda: (F.layer_norm(x, ns, w, b, eps),)
-    _, mean, rstd = torch.ops.aten.native_layer_norm(x, ns, w, b, eps)
     mask = [True, True, True]
+    if direction == "forward+backward":
+        def both():
+            y, mean, rstd = torch.ops.aten.native_layer_norm(x, ns, w, b, eps)
+            return (y, *torch.ops.aten.native_layer_norm_backward(dy, x, ns, mean, rstd, w, b,
+                                                                  mask))
+        return both
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, ns, w, b, eps)
     return lambda: torch.ops.aten.native_layer_norm_backward(dy, x, ns, mean, rstd, w, b, mask)
+
+
+def _layer_norm(x, w, b, eps):
+    return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
+def _torch_compile(inputs, direction):
+    x, w, b, dy, eps = (inputs[k] for k in ("x", "w", "b", "dy", "eps"))
+    return autograd_prepare(compiled(_layer_norm), (x, w, b, eps), (0, 1, 2), (dy,), direction)
 
 
 def _liger(inputs, direction):
     from liger_kernel.ops.layer_norm import LigerLayerNormFunction
 
     x, w, b, dy, eps = (inputs[k] for k in ("x", "w", "b", "dy", "eps"))
-    if direction == "forward":
-        return lambda: (LigerLayerNormFunction.apply(x, w, b, eps),)
-    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
-    y = LigerLayerNormFunction.apply(x, w, b, eps)
-    return lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+    return autograd_prepare(LigerLayerNormFunction.apply, (x, w, b, eps), (0, 1, 2), (dy,),
+                            direction)
 
 
 def _bytes(shape, direction):
@@ -90,11 +108,13 @@ CASE = register(Case(
         _fastlm("triton"),
         _fastlm("cpu"),
         Impl("torch", "torch", _torch),
+        Impl("torch-compile", "peer", _torch_compile, module="torch", install="torch",
+             quick_devices=("cuda",)),
         Impl("liger", "peer", _liger, module="liger_kernel", install="liger-kernel",
              devices=("cuda",)),
     ),
     oracle=oracle,
     outputs={"forward": ("y",), "backward": ("dx", "dw", "db")},
     bytes=_bytes,
-    notes={"bytes": "forward 2*M*N*size, backward 3*M*N*size"},
+    notes={"bytes": "forward 2*M*N*size, backward 3*M*N*size, forward+backward their sum"},
 ))

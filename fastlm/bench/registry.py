@@ -14,7 +14,12 @@ import torch
 
 from .. import backends
 
-DIRECTIONS = ("forward", "backward")
+DIRECTIONS = ("forward", "backward", "forward+backward")
+# Shape profiles: "full" (the default of `fastlm bench`), "quick" (a few small shapes; the
+# implementations of Impl.quick_devices), "headline" (the GPU check's rows: scripts/gpu_run.sh;
+# tiny shapes on the CPU so its dry run takes the same path) and "tiny" (every implementation,
+# as in "full", at tiny sizes and a short timing budget: the full path checked in CI).
+PROFILES = ("full", "quick", "headline", "tiny")
 
 
 @dataclass(frozen=True)
@@ -36,12 +41,20 @@ class Impl:
     devices: tuple = ("cpu", "cuda")  # device types the implementation runs on
     cpp_op: str | None = None  # kind "fastlm", cuda/cpu: the C++ op whose kernel it needs
     quick_devices: tuple = ("cpu", "cuda")  # device types where --quick runs it too
+    error_na: str | None = None  # why its outputs cannot be compared with the oracle (for
+    # example its own random dropout mask): the error column shows "n/a" and the legend this
 
 
 @dataclass(frozen=True)
 class Case:
     """An op's benchmark. Shapes are dicts of the formula's parameters plus ``dtype`` (a torch
-    dtype name); ``shapes[device_type]`` holds the ``"full"`` and ``"quick"`` lists."""
+    dtype name) and optionally ``model`` (the real model whose layer it is, e.g. "llama3-8B");
+    ``shapes[device_type]`` holds a list per profile (PROFILES; "full", "quick" and "tiny" are
+    required, "headline" where the GPU check times the op).
+
+    Directions: "forward", "backward" (the backward alone, after an untimed forward) and
+    "forward+backward" (both, timed together); its outputs are the forward's then the
+    backward's, its bytes or FLOPs the sum of the two, so the runner derives them."""
 
     op: str
     shapes: dict
@@ -58,9 +71,36 @@ class Case:
     tokens: Callable[[dict], int] | None = None  # shape -> tokens per call (a tokens/s column)
     total_peak: bool = False  # CUDA peak memory: all allocated (True) or added by the call
 
-    def shape_list(self, device_type, quick):
-        """The shapes to run on `device_type`; empty when the op has none for it."""
-        return list(self.shapes.get(device_type, {}).get("quick" if quick else "full", []))
+    def shape_list(self, device_type, profile):
+        """The shapes of `profile` (a PROFILES name; True/False mean "quick"/"full") to run on
+        `device_type`; empty when the op has none for it."""
+        if isinstance(profile, bool):
+            profile = "quick" if profile else "full"
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}: choose from {', '.join(PROFILES)}")
+        return list(self.shapes.get(device_type, {}).get(profile, []))
+
+    def outputs_of(self, direction):
+        """Names of the outputs compared with the oracle in `direction`."""
+        if direction == "forward+backward":
+            return tuple(self.outputs["forward"]) + tuple(self.outputs["backward"])
+        return tuple(self.outputs[direction])
+
+    def expected(self, inputs, direction):
+        """The oracle's outputs for `direction`."""
+        if direction == "forward+backward":
+            return tuple(self.oracle(inputs, "forward")) + tuple(self.oracle(inputs, "backward"))
+        return tuple(self.oracle(inputs, direction))
+
+    def bytes_of(self, shape, direction):
+        if direction == "forward+backward":
+            return self.bytes(shape, "forward") + self.bytes(shape, "backward")
+        return self.bytes(shape, direction)
+
+    def flops_of(self, shape, direction):
+        if direction == "forward+backward":
+            return self.flops(shape, "forward") + self.flops(shape, "backward")
+        return self.flops(shape, direction)
 
 
 CASES: dict = {}
@@ -90,8 +130,10 @@ def get(op):
 
 
 def shape_label(shape):
-    """A short name for a shape: "M=4096 N=1024 float32"."""
-    return " ".join(f"{k}={v}" for k, v in shape.items() if k != "dtype") + f" {shape['dtype']}"
+    """A short name for a shape: "M=4096 N=1024 float32", "gpt2-124M: M=8192 N=768 float32"."""
+    text = " ".join(f"{k}={v}" for k, v in shape.items() if k not in ("dtype", "model"))
+    text += f" {shape['dtype']}"
+    return f"{shape['model']}: {text}" if "model" in shape else text
 
 
 def availability(impl, device_type):
