@@ -1,8 +1,10 @@
 import math
 import warnings
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..ops.attention import scaled_dot_product_attention
 
@@ -36,10 +38,57 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
       but not the same random mask as torch's. With ``need_weights=True`` the weights go
       through ``torch.nn.functional.dropout`` as in torch.
     - No NestedTensor inputs (torch accepts them only on its inference fast path).
+    - ``torch.jit.script`` compiles it (as torch's); the scripted module runs torch's own
+      computation (F.multi_head_attention_forward), not fastlm's kernels: TorchScript cannot
+      compile fastlm's backend dispatch.
     """
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
-                attn_mask=None, average_attn_weights=True, is_causal=False):
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if torch.jit.is_scripting():
+            # TorchScript compiles this branch only (the call below is never compiled): the
+            # scripted module runs torch's own computation (docs/fidelity.md).
+            return self._scripted_forward(query, key, value, key_padding_mask, need_weights,
+                                          attn_mask, average_attn_weights, is_causal)
+        return self._fastlm_forward(query, key, value, key_padding_mask, need_weights,
+                                    attn_mask, average_attn_weights, is_causal)
+
+    def _scripted_forward(self, query: Tensor, key: Tensor, value: Tensor,
+                          key_padding_mask: Optional[Tensor], need_weights: bool,
+                          attn_mask: Optional[Tensor], average_attn_weights: bool,
+                          is_causal: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """torch.nn.MultiheadAttention's computation (its path without the inference fast
+        path), written so TorchScript compiles it: F.multi_head_attention_forward in the
+        sequence-first layout."""
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = query.transpose(1, 0), key.transpose(1, 0), value.transpose(1, 0)
+        if self._qkv_same_embed_dim:
+            out, weights = F.multi_head_attention_forward(
+                query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight,
+                self.in_proj_bias, self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
+                self.out_proj.weight, self.out_proj.bias, training=self.training,
+                key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                is_causal=is_causal)
+        else:
+            out, weights = F.multi_head_attention_forward(
+                query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight,
+                self.in_proj_bias, self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
+                self.out_proj.weight, self.out_proj.bias, training=self.training,
+                key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, use_separate_proj_weight=True,
+                q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight,
+                v_proj_weight=self.v_proj_weight, average_attn_weights=average_attn_weights,
+                is_causal=is_causal)
+        if self.batch_first and batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+    def _fastlm_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                        average_attn_weights, is_causal):
         if query.is_nested or key.is_nested or value.is_nested:
             raise NotImplementedError(
                 "fastlm.nn.MultiheadAttention does not take NestedTensor inputs: pad the "

@@ -16,7 +16,9 @@ its inference fast path: it runs them padded, on fastlm's kernels.)
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
+
+from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +146,8 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     def forward(self, src: Tensor, src_mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._scripted_forward(src, src_mask, src_key_padding_mask, is_causal)
         if src.is_nested:
             return self._forward_nested(src, src_mask, src_key_padding_mask, is_causal)
         src_mask, src_key_padding_mask = _check_masks(
@@ -167,17 +171,38 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             x = self.norm2(x + self._ff_block(x))
         return x
 
-    def _sa(self, x, attn_mask, key_padding_mask, is_causal=False):
+    def _scripted_forward(self, src: Tensor, src_mask: Optional[Tensor],
+                          src_key_padding_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        """torch's layer without its inference fast path, for TorchScript: the masks made
+        float as torch does (F._canonical_mask), the blocks unfused; the submodules are
+        scripted as theirs (torch's computation)."""
+        src_key_padding_mask = F._canonical_mask(
+            mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+            other_type=F._none_or_dtype(src_mask), other_name="src_mask", target_type=src.dtype)
+        src_mask = F._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None,
+                                     other_name="", target_type=src.dtype, check_other=False)
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+    def _sa(self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+            is_causal: bool = False) -> Tensor:
         return self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                               need_weights=False, is_causal=is_causal)[0]
 
-    def _ff(self, x):
+    def _ff(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
+    def _sa_block(self, x: Tensor, attn_mask: Optional[Tensor],
+                  key_padding_mask: Optional[Tensor], is_causal: bool = False) -> Tensor:
         return self.dropout1(self._sa(x, attn_mask, key_padding_mask, is_causal))
 
-    def _ff_block(self, x):
+    def _ff_block(self, x: Tensor) -> Tensor:
         return self.dropout2(self._ff(x))
 
     def _forward_nested(self, src, src_mask, src_key_padding_mask, is_causal):
@@ -221,6 +246,10 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
                 tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None,
                 tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._scripted_forward(tgt, memory, tgt_mask, memory_mask,
+                                          tgt_key_padding_mask, memory_key_padding_mask,
+                                          tgt_is_causal, memory_is_causal)
         _check_not_nested(tgt, "fastlm.nn.TransformerDecoderLayer", "tgt")
         x = tgt
         norms, drops = (self.norm1, self.norm2, self.norm3), (self.dropout1, self.dropout2,
@@ -250,25 +279,47 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
             x = self.norm3(x + self._ff_block(x))
         return x
 
-    def _sa(self, x, attn_mask, key_padding_mask, is_causal=False):
+    def _scripted_forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor],
+                          memory_mask: Optional[Tensor], tgt_key_padding_mask: Optional[Tensor],
+                          memory_key_padding_mask: Optional[Tensor], tgt_is_causal: bool,
+                          memory_is_causal: bool) -> Tensor:
+        """torch's layer, unfused, for TorchScript (the submodules scripted as theirs)."""
+        x = tgt
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._mha_block(self.norm2(x), memory, memory_mask,
+                                    memory_key_padding_mask, memory_is_causal)
+            x = x + self._ff_block(self.norm3(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask,
+                                               memory_is_causal))
+            x = self.norm3(x + self._ff_block(x))
+        return x
+
+    def _sa(self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+            is_causal: bool = False) -> Tensor:
         return self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                               is_causal=is_causal, need_weights=False)[0]
 
-    def _mha(self, x, mem, attn_mask, key_padding_mask, is_causal=False):
+    def _mha(self, x: Tensor, mem: Tensor, attn_mask: Optional[Tensor],
+             key_padding_mask: Optional[Tensor], is_causal: bool = False) -> Tensor:
         return self.multihead_attn(x, mem, mem, attn_mask=attn_mask,
                                    key_padding_mask=key_padding_mask, is_causal=is_causal,
                                    need_weights=False)[0]
 
-    def _ff(self, x):
+    def _ff(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
+    def _sa_block(self, x: Tensor, attn_mask: Optional[Tensor],
+                  key_padding_mask: Optional[Tensor], is_causal: bool = False) -> Tensor:
         return self.dropout1(self._sa(x, attn_mask, key_padding_mask, is_causal))
 
-    def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal=False):
+    def _mha_block(self, x: Tensor, mem: Tensor, attn_mask: Optional[Tensor],
+                   key_padding_mask: Optional[Tensor], is_causal: bool = False) -> Tensor:
         return self.dropout2(self._mha(x, mem, attn_mask, key_padding_mask, is_causal))
 
-    def _ff_block(self, x):
+    def _ff_block(self, x: Tensor) -> Tensor:
         return self.dropout3(self._ff(x))
 
 
@@ -301,6 +352,8 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     def forward(self, src: Tensor, mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None,
                 is_causal: bool | None = None) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._scripted_forward(src, mask, src_key_padding_mask, is_causal)
         _check_not_nested(src, "fastlm.nn.TransformerEncoder", "src")
         mask, src_key_padding_mask = _check_masks(
             mask, "mask", src_key_padding_mask, "src_key_padding_mask", src.dtype)
@@ -309,6 +362,25 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         output = src
         for mod in self.layers:
             output = mod(output, src_mask=mask, is_causal=is_causal,
+                         src_key_padding_mask=src_key_padding_mask)
+        if self.norm is not None:
+            output = self.norm(output)
+        return output
+
+    def _scripted_forward(self, src: Tensor, mask: Optional[Tensor],
+                          src_key_padding_mask: Optional[Tensor],
+                          is_causal: Optional[bool]) -> Tensor:
+        """torch's encoder without nested tensors, for TorchScript."""
+        src_key_padding_mask = F._canonical_mask(
+            mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+            other_type=F._none_or_dtype(mask), other_name="mask", target_type=src.dtype)
+        mask = F._canonical_mask(mask=mask, mask_name="mask", other_type=None, other_name="",
+                                 target_type=src.dtype, check_other=False)
+        causal = _detect_is_causal_mask(mask, is_causal,
+                                        _get_seq_len(src, self.layers[0].self_attn.batch_first))
+        output = src
+        for mod in self.layers:
+            output = mod(output, src_mask=mask, is_causal=causal,
                          src_key_padding_mask=src_key_padding_mask)
         if self.norm is not None:
             output = self.norm(output)
@@ -334,6 +406,10 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
                 tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None,
                 tgt_is_causal: bool | None = None, memory_is_causal: bool = False) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._scripted_forward(tgt, memory, tgt_mask, memory_mask,
+                                          tgt_key_padding_mask, memory_key_padding_mask,
+                                          tgt_is_causal, memory_is_causal)
         _check_not_nested(tgt, "fastlm.nn.TransformerDecoder", "tgt")
         batch_first = self.layers[0].self_attn.batch_first
         tgt_is_causal = _detect_causal(tgt_mask, tgt_is_causal, _seq_len(tgt, batch_first))
@@ -343,6 +419,23 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
                          tgt_key_padding_mask=tgt_key_padding_mask,
                          memory_key_padding_mask=memory_key_padding_mask,
                          tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+        if self.norm is not None:
+            output = self.norm(output)
+        return output
+
+    def _scripted_forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor],
+                          memory_mask: Optional[Tensor], tgt_key_padding_mask: Optional[Tensor],
+                          memory_key_padding_mask: Optional[Tensor],
+                          tgt_is_causal: Optional[bool], memory_is_causal: bool) -> Tensor:
+        """torch's decoder, for TorchScript."""
+        causal = _detect_is_causal_mask(
+            tgt_mask, tgt_is_causal, _get_seq_len(tgt, self.layers[0].self_attn.batch_first))
+        output = tgt
+        for mod in self.layers:
+            output = mod(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                         tgt_key_padding_mask=tgt_key_padding_mask,
+                         memory_key_padding_mask=memory_key_padding_mask,
+                         tgt_is_causal=causal, memory_is_causal=memory_is_causal)
         if self.norm is not None:
             output = self.norm(output)
         return output
