@@ -46,9 +46,12 @@ ADAM_FLOOR_GOAL, ADAM_CLIP_GOAL = 1.08, 1.10
 GPT_GOAL = 1.1
 JUNIT_STAGES = ("smoke", "tests", "large")
 BACKENDS = ("cuda", "triton", "torch")
-# benchmark op -> test family (for "a kernel that failed its smoke tests is never a default")
-OP_FAMILY = {"attention": "attention", "layer_norm": "layer_norm",
-             "add_layer_norm": "add_layer_norm", "adamw": "adam"}
+# benchmark op -> (test family, its key in fastlm/backends.py CUDA_ORDER): a kernel that failed
+# its tests is never a default
+OP_FAMILY = {"attention": ("attention", "fastlm.scaled_dot_product_attention"),
+             "layer_norm": ("layer_norm", "fastlm.layer_norm"),
+             "add_layer_norm": ("add_layer_norm", "fastlm.add_layer_norm"),
+             "adamw": ("adam", "fastlm.adam_step_")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ def section_correctness(files):
     san = [(name, files[name].decode(errors="replace")) for name in sorted(files)
            if name.startswith("sanitize-")]
     for name, text in san:
-        keep = [ln.strip() for ln in text.splitlines()
+        keep = [ln.strip().lstrip("= ") for ln in text.splitlines()
                 if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln or "cases ok" in ln]
         out.append(f"{name[:-4]}: " + ("; ".join(keep) if keep else "no summary line (cut short?)"))
     return "\n\n".join(out), counts
@@ -388,7 +391,7 @@ def implied_order(rows, counts):
     """{op: (order, why)}: backends whose family passed its tests, fastest first (geometric
     mean of the speed ratio to the other over the headline points both ran), then torch."""
     out = {}
-    for op, fam in OP_FAMILY.items():
+    for op, (fam, _) in OP_FAMILY.items():
         pts = _by(rows, op)
         cands = []
         for b in ("cuda", "triton"):
@@ -418,7 +421,7 @@ def implied_order(rows, counts):
 def section_order(rows, counts):
     cur = read_cuda_order()
     imp = implied_order(rows, counts)
-    body = [[op, " > ".join(cur.get(op, ("?",))), " > ".join(order), why]
+    body = [[op, " > ".join(cur.get(OP_FAMILY[op][1], ("?",))), " > ".join(order), why]
             for op, (order, why) in imp.items()]
     return ("## Default backend per op on CUDA\n\nToday's table is fastlm/backends.py "
             "CUDA_ORDER; the implied order takes the backends whose tests all passed in this run "

@@ -4,13 +4,14 @@
 The subset runs every kernel of every backend (cuda, triton; torch on CUDA tensors as the
 control) at least once per dtype and per feature -- masks, causal, GQA, dropout, varlen, fused
 add+LayerNorm, Adam with clipping and master weights, CUDA graph capture -- against the float64
-references, and stays small enough for about two minutes on an H200 (tests/test_smoke_selection.py
-counts it and checks the coverage; scripts/gpu_run.sh records the estimate).
+references, and stays small enough for about two minutes on an H200 (tests/test_gpu_run.py checks
+the coverage and the count from the dry run's smoke stage; scripts/gpu_run.sh records the time
+estimate).
 
 Rules are kept here, in one table, rather than as marks spread over test files that other people
 edit: RULES maps "file::test function" to fnmatch patterns on the test's parameter id (``"*"``:
-every parametrization). Only items that carry the `cuda` marker are marked. A rule that matches
-nothing is an error (tests/test_smoke_selection.py), so a renamed test or case cannot silently
+every parametrization). Only items that carry the `cuda` marker are marked. A pattern that
+matches nothing is an error (tests/test_gpu_run.py), so a renamed test or case cannot silently
 drop out of the smoke run.
 """
 
