@@ -63,14 +63,15 @@ def extensions():
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off",
            "-fno-math-errno"]
     sources = ["csrc/module.cpp", "csrc/fastlm.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/adam.cpp",
-               "csrc/cpu/attention.cpp"]
+               "csrc/cpu/attention.cpp", "csrc/cpu/glu.cpp", "csrc/cpu/rotary.cpp"]
     kwargs = dict(extra_link_args=["-fopenmp"])
     archs = []
     if with_cuda:
         archs = _buildcfg.resolve_archs(os.environ)
         print(f"fastlm: CUDA toolkit {cuda_home}; building CUDA kernels for {','.join(archs)}",
               file=sys.stderr)
-        sources += ["csrc/cuda/layer_norm.cu", "csrc/cuda/adam.cu", "csrc/cuda/attention.cu"]
+        sources += ["csrc/cuda/layer_norm.cu", "csrc/cuda/adam.cu", "csrc/cuda/attention.cu",
+                    "csrc/cuda/glu.cu", "csrc/cuda/rotary.cu"]
         nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                 "--expt-relaxed-constexpr", *_buildcfg.gencode_flags(archs)]
         if os.environ.get("FASTLM_PTXAS_VERBOSE"):

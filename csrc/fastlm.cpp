@@ -25,6 +25,35 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("add_layer_norm_bwd(Tensor grad_out, Tensor? grad_summed, Tensor summed, Tensor mean,"
         " Tensor rstd, Tensor? weight, Tensor? bias, Tensor? rng, float dropout_p,"
         " bool input_grad, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // RMSNorm (docs/rms_norm.md): layer_norm without centring or bias on the same kernels.
+  // Returns (output, rstd), rstd float32 (rows,); the add_ variant fuses residual + dropout as
+  // add_layer_norm does and returns (out, summed, rstd), its backward (grad_residual,
+  // grad_input (empty unless input_grad and dropout_p > 0), grad_weight). grad_weight has
+  // weight's shape and dtype when weight_grad, else it is an empty float32 tensor.
+  m.def("rms_norm_fwd(Tensor input, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight,"
+        " bool weight_grad) -> (Tensor, Tensor)");
+  m.def("add_rms_norm_fwd(Tensor input, Tensor residual, Tensor? weight, Tensor? rng,"
+        " float dropout_p, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("add_rms_norm_bwd(Tensor grad_out, Tensor? grad_summed, Tensor summed, Tensor rstd,"
+        " Tensor? weight, Tensor? rng, float dropout_p, bool input_grad, bool weight_grad)"
+        " -> (Tensor, Tensor, Tensor)");
+
+  // Gated linear units (docs/glu.md): out = act(gate) * up elementwise, gate and up of one
+  // shape and dtype; activation 0 = silu (SwiGLU), 1 = gelu tanh, 2 = gelu erf (GeGLU). The
+  // backward recomputes act(gate) and returns (grad_gate, grad_up).
+  m.def("glu_fwd(Tensor gate, Tensor up, int activation) -> Tensor");
+  m.def("glu_bwd(Tensor grad_out, Tensor gate, Tensor up, int activation) -> (Tensor, Tensor)");
+
+  // Rotary embeddings (docs/rotary.md) of q (B,Hq,S,D) and k (B,Hk,S,D) in one launch, any
+  // strides with a unit last stride; cos and sin (1 or B, S, D), q's dtype or float32:
+  // out = x * cos + rotate(x) * sin with rotate the rotate-half (or, interleaved, the GPT-J
+  // pair) rotation. Returns (q_out, k_out) with q's and k's strides. The backward applies the
+  // transposed rotation to (grad_q, grad_k).
+  m.def("rotary_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved)"
+        " -> (Tensor, Tensor)");
+  m.def("rotary_bwd(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, bool interleaved)"
+        " -> (Tensor, Tensor)");
 
   // One fused Adam/AdamW step over lists of tensors on one device (fastlm/ops/adam.py says
   // what each argument means). Arithmetic in float32; params float32/float16/bfloat16; the

@@ -49,25 +49,27 @@ inline void ln_check_fwd(const at::Tensor& x, const std::optional<at::Tensor>& w
   ln_check_param(b, "bias", x, who);
 }
 
+// RMSNorm (who = "fastlm.rms_norm") has no mean: it passes rstd for both.
 inline void ln_check_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                          const at::Tensor& rstd, const std::optional<at::Tensor>& w,
-                         const std::optional<at::Tensor>& b, bool weight_grad, bool bias_grad) {
-  ln_check_fwd(x, w, b);
+                         const std::optional<at::Tensor>& b, bool weight_grad, bool bias_grad,
+                         const char* who = "fastlm.layer_norm") {
+  ln_check_fwd(x, w, b, who);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() &&
                   dy.device() == x.device(),
-              "fastlm.layer_norm backward: grad_out must match input (shape ", x.sizes(), ", ",
+              who, " backward: grad_out must match input (shape ", x.sizes(), ", ",
               x.scalar_type(), ", ", x.device(), "), got shape ", dy.sizes(), ", ",
               dy.scalar_type(), ", ", dy.device());
   for (const at::Tensor* s : {&mean, &rstd}) {
     TORCH_CHECK(s->dim() == 1 && s->size(0) == x.size(0) && s->scalar_type() == at::kFloat &&
                     s->device() == x.device(),
-                "fastlm.layer_norm backward: mean and rstd must be float32 of shape (",
+                who, " backward: the saved statistics (mean, rstd) must be float32 of shape (",
                 x.size(0), ",) on ", x.device(), ", got ", s->sizes(), " ", s->scalar_type());
   }
   TORCH_CHECK(!weight_grad || (w.has_value() && w->defined()),
-              "fastlm.layer_norm backward: weight_grad=True needs a weight");
+              who, " backward: weight_grad=True needs a weight");
   TORCH_CHECK(!bias_grad || (b.has_value() && b->defined()),
-              "fastlm.layer_norm backward: bias_grad=True needs a bias");
+              who, " backward: bias_grad=True needs a bias");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -76,32 +78,33 @@ constexpr const char* kAddLN = "fastlm.add_layer_norm";
 
 // `t` (named `name`) must have the shape, dtype and device of `like` (named `like_name`).
 inline void aln_check_like(const at::Tensor& t, const char* name, const at::Tensor& like,
-                           const char* like_name) {
+                           const char* like_name, const char* who = kAddLN) {
   TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type() &&
                   t.device() == like.device(),
-              kAddLN, ": ", name, " must match ", like_name, " (shape ", like.sizes(), ", ",
+              who, ": ", name, " must match ", like_name, " (shape ", like.sizes(), ", ",
               like.scalar_type(), ", ", like.device(), "), got shape ", t.sizes(), ", ",
               t.scalar_type(), ", ", t.device());
 }
 
 // Dropout is on when dropout_p > 0; it then needs rng, an int64 (seed, offset) on x's device.
 inline bool aln_check_dropout(const std::optional<at::Tensor>& rng, double dropout_p,
-                              const at::Tensor& x) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, kAddLN, ": dropout_p must be in [0, 1], got ",
+                              const at::Tensor& x, const char* who = kAddLN) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, who, ": dropout_p must be in [0, 1], got ",
               dropout_p);
   if (dropout_p == 0.0) return false;
   TORCH_CHECK(rng.has_value() && rng->defined() && rng->scalar_type() == at::kLong &&
                   rng->numel() == 2 && rng->device() == x.device(),
-              kAddLN, ": dropout needs rng, an int64 tensor (seed, offset) on ", x.device());
+              who, ": dropout needs rng, an int64 tensor (seed, offset) on ", x.device());
   return true;
 }
 
 inline bool aln_check_fwd(const at::Tensor& input, const at::Tensor& residual,
                           const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
-                          const std::optional<at::Tensor>& rng, double dropout_p) {
-  ln_check_fwd(input, w, b, kAddLN);
-  aln_check_like(residual, "residual", input, "input");
-  return aln_check_dropout(rng, dropout_p, input);
+                          const std::optional<at::Tensor>& rng, double dropout_p,
+                          const char* who = kAddLN) {
+  ln_check_fwd(input, w, b, who);
+  aln_check_like(residual, "residual", input, "input", who);
+  return aln_check_dropout(rng, dropout_p, input, who);
 }
 
 // Returns whether the backward computes grad_input (dropout on and input_grad set).
@@ -110,22 +113,24 @@ inline bool aln_check_bwd(const at::Tensor& dy, const std::optional<at::Tensor>&
                           const at::Tensor& rstd, const std::optional<at::Tensor>& w,
                           const std::optional<at::Tensor>& b,
                           const std::optional<at::Tensor>& rng, double dropout_p,
-                          bool input_grad, bool weight_grad, bool bias_grad) {
-  ln_check_fwd(summed, w, b, kAddLN);
-  aln_check_like(dy, "grad_out", summed, "summed");
+                          bool input_grad, bool weight_grad, bool bias_grad,
+                          const char* who = kAddLN) {
+  ln_check_fwd(summed, w, b, who);
+  aln_check_like(dy, "grad_out", summed, "summed", who);
   if (grad_summed.has_value() && grad_summed->defined())
-    aln_check_like(*grad_summed, "grad_summed", summed, "summed");
+    aln_check_like(*grad_summed, "grad_summed", summed, "summed", who);
   for (const at::Tensor* s : {&mean, &rstd}) {
     TORCH_CHECK(s->dim() == 1 && s->size(0) == summed.size(0) && s->scalar_type() == at::kFloat &&
                     s->device() == summed.device(),
-                kAddLN, " backward: mean and rstd must be float32 of shape (", summed.size(0),
-                ",) on ", summed.device(), ", got ", s->sizes(), " ", s->scalar_type());
+                who, " backward: the saved statistics (mean, rstd) must be float32 of shape (",
+                summed.size(0), ",) on ", summed.device(), ", got ", s->sizes(), " ",
+                s->scalar_type());
   }
   TORCH_CHECK(!weight_grad || (w.has_value() && w->defined()),
-              kAddLN, " backward: weight_grad=True needs a weight");
+              who, " backward: weight_grad=True needs a weight");
   TORCH_CHECK(!bias_grad || (b.has_value() && b->defined()),
-              kAddLN, " backward: bias_grad=True needs a bias");
-  const bool drop = aln_check_dropout(rng, dropout_p, summed);
+              who, " backward: bias_grad=True needs a bias");
+  const bool drop = aln_check_dropout(rng, dropout_p, summed, who);
   return drop && input_grad;
 }
 
@@ -166,7 +171,7 @@ inline at::Tensor ln_param_grad(const std::optional<at::Tensor>& p, bool wanted,
 
 // A forward's contiguous operands and its outputs: layer_norm's (y, mean, rstd), or with a
 // residual add_layer_norm's (y, summed, mean, rstd). `done`: M or N is 0 and the outputs are
-// final (mean and rstd NaN for N == 0, as torch's).
+// final (mean and rstd NaN for N == 0, as torch's). rms: RMSNorm, whose mean is empty.
 struct LnFwd {
   at::Tensor x, res;
   std::optional<at::Tensor> w, b;
@@ -178,7 +183,7 @@ struct LnFwd {
 
 inline LnFwd ln_fwd_prepare(const at::Tensor& input, const at::Tensor* residual,
                             const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias) {
+                            const std::optional<at::Tensor>& bias, bool rms = false) {
   LnFwd f;
   f.pf32 = params_f32(input, weight, bias);
   f.x = input.contiguous();
@@ -189,7 +194,7 @@ inline LnFwd ln_fwd_prepare(const at::Tensor& input, const at::Tensor* residual,
   f.N = f.x.size(1);
   f.y = at::empty({f.M, f.N}, f.x.options());
   if (residual) f.summed = at::empty({f.M, f.N}, f.x.options());
-  f.mean = at::empty({f.M}, f.x.options().dtype(at::kFloat));
+  f.mean = at::empty({rms ? 0 : f.M}, f.x.options().dtype(at::kFloat));
   f.rstd = at::empty({f.M}, f.x.options().dtype(at::kFloat));
   f.done = f.M == 0 || f.N == 0;
   if (f.M > 0 && f.N == 0) {

@@ -31,6 +31,11 @@ CUDA_ORDER = {
     "fastlm.varlen_attention": ("triton", "cuda", "torch"),
     "fastlm.adam_step_": ("cuda", "triton", "torch"),
     "fastlm.sum_of_squares": ("cuda", "triton", "torch"),
+    "fastlm.rms_norm": ("triton", "cuda", "torch"),
+    "fastlm.add_rms_norm": ("triton", "cuda", "torch"),
+    "fastlm.swiglu": ("triton", "cuda", "torch"),
+    "fastlm.geglu": ("triton", "cuda", "torch"),
+    "fastlm.apply_rotary_emb": ("triton", "cuda", "torch"),
 }
 
 
@@ -141,11 +146,18 @@ def select(op, device, dtype, kernel_dtypes, has_kernel=None, order=None):
     dev = device.type
     if name is None:
         if dtype not in kernel_dtypes:
+            _fell_back(op, f"{str(dtype).removeprefix('torch.')} input (the kernels take "
+                       f"{', '.join(str(d).removeprefix('torch.') for d in kernel_dtypes)})",
+                       "torch")
             return "torch"
         order = order or (CUDA_ORDER.get(op) if dev == "cuda" else None)
-        for cand in (order or _DEFAULT_ORDER.get(dev, ("torch",))):
-            if cand == "torch" or _usable(cand, dev, has_kernel)[0]:
+        order = order or _DEFAULT_ORDER.get(dev, ("torch",))
+        for cand in order:
+            ok, why = (True, "") if cand == "torch" else _usable(cand, dev, has_kernel)
+            if ok:
                 return cand
+            _fell_back(op, f"the {cand} backend is unavailable for {dev} tensors ({why})",
+                       order[order.index(cand) + 1] if cand != order[-1] else "torch")
         return "torch"
     if name != "torch":
         if dtype not in kernel_dtypes:
@@ -157,6 +169,16 @@ def select(op, device, dtype, kernel_dtypes, has_kernel=None, order=None):
             raise BackendUnavailable(f"fastlm backend {name!r} is not available for {dev} "
                                      f"tensors: {why}")
     return name
+
+
+def _fell_back(op, reason, to):
+    """Say once per op and reason (logger "fastlm", INFO) that a call left its preferred
+    backend; not while torch.compile traces (the eager calls say it)."""
+    if torch.compiler.is_compiling():
+        return
+    from ._log import log_once
+
+    log_once(("fallback", op, reason), f"{op}: {reason}; running on the {to} backend")
 
 
 @contextlib.contextmanager

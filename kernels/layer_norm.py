@@ -5,6 +5,9 @@ Shipped as fastlm.kernels.layer_norm. No autograd here: fastlm/ops/layer_norm.py
 
 Rows up to SINGLE_MAX elements are held whole in one program (one load, two reductions from
 registers); longer rows are walked in CHUNK-element pieces, re-reading the row from L2.
+
+RMSNorm (fastlm.rms_norm, add_rms_norm) runs on the same kernels with RMS=True: no centring
+(mean 0, not stored), no bias, and no mean(g) term in the backward.
 """
 
 import torch
@@ -68,6 +71,7 @@ def _ln_fwd(
     DROPOUT: tl.constexpr,  # only with HAS_RESIDUAL
     BLOCK_N: tl.constexpr,  # next power of two >= N when SINGLE, else the chunk size
     SINGLE: tl.constexpr,  # the whole row fits in one block
+    RMS: tl.constexpr = False,  # RMSNorm: mean 0 (Mean unused), rstd from mean(x^2)
 ):
     # One program per row: mean, then the variance of the centred row (two-pass, so a large
     # mean does not cancel away the variance), then y = (x - mean) * rstd * w + b. With
@@ -82,7 +86,10 @@ def _ln_fwd(
             x = _add_row(X, R, S, Rng, row, off, 0, N, thresh, scale, DROPOUT, BLOCK_N)
         else:
             x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / N
+        if RMS:
+            mean = 0.0
+        else:
+            mean = tl.sum(x, axis=0) / N
         xc = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
         y = xc * rstd
@@ -99,10 +106,13 @@ def _ln_fwd(
             if HAS_RESIDUAL:
                 acc += _add_row(X, R, S, Rng, row, off, start, N, thresh, scale, DROPOUT,
                                 BLOCK_N)
-            else:
+            elif not RMS:
                 cols = start + tl.arange(0, BLOCK_N)
                 acc += tl.load(xr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / N
+        if RMS:
+            mean = 0.0
+        else:
+            mean = tl.sum(acc, axis=0) / N
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
@@ -120,7 +130,8 @@ def _ln_fwd(
             if HAS_B:
                 y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(yr + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + row, mean)
+    if not RMS:
+        tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 
 
@@ -162,8 +173,9 @@ def _ln_bwd(
     DROPOUT: tl.constexpr,  # also store DIN = dx * m
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,
+    RMS: tl.constexpr = False,  # RMSNorm: mean 0 (Mean unused), no mean(g) term
 ):
-    # Per row, with xhat = (x - mean) * rstd and g = dy * w:
+    # Per row, with xhat = (x - mean) * rstd and g = dy * w (RMSNorm: mean = 0 and c = 0):
     #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
     #   dw += dy * xhat,  db += dy  (summed over this program's rows; the column sum over
     #   programs happens in _col_sum, in program order, so the result is bit-reproducible)
@@ -183,14 +195,14 @@ def _ln_bwd(
             off = row * N
             x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(Mean + row)
+            mean = 0.0 if RMS else tl.load(Mean + row)
             rstd = tl.load(Rstd + row)
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
             g = dy
             if HAS_W:
                 g = dy * w
             a = tl.sum(g * xhat, axis=0) / N
-            c = tl.sum(g, axis=0) / N
+            c = 0.0 if RMS else tl.sum(g, axis=0) / N
             dx = rstd * (g - c - xhat * a)
             _bwd_store(DX, GS, DIN, Rng, row, off, 0, dx, mask, thresh, scale, HAS_GS, DROPOUT,
                        BLOCK_N)
@@ -203,7 +215,7 @@ def _ln_bwd(
     else:
         for row in range(r0, r1):
             off = row * N
-            mean = tl.load(Mean + row)
+            mean = 0.0 if RMS else tl.load(Mean + row)
             rstd = tl.load(Rstd + row)
             acc_a = tl.zeros([BLOCK_N], dtype=tl.float32)
             acc_c = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -218,7 +230,7 @@ def _ln_bwd(
                 acc_a += g * tl.where(mask, (x - mean) * rstd, 0.0)
                 acc_c += g
             a = tl.sum(acc_a, axis=0) / N
-            c = tl.sum(acc_c, axis=0) / N
+            c = 0.0 if RMS else tl.sum(acc_c, axis=0) / N
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
@@ -276,25 +288,26 @@ def _programs(m, device):
     return max(1, min(m, 8))
 
 
-def _fwd_launch(x, w, b, y, mean, rstd, n, eps, has_w, has_b, fused=None):
+def _fwd_launch(x, w, b, y, mean, rstd, n, eps, has_w, has_b, fused=None, rms=False):
     """Arguments and meta-parameters of one _ln_fwd launch (also used by `aot_specs`).
-    fused: None for LayerNorm, else (residual, summed, rng, thresh, scale, dropout)."""
+    fused: None for LayerNorm, else (residual, summed, rng, thresh, scale, dropout).
+    rms: RMSNorm (mean unused)."""
     block, single, warps = _config(n)
     r, s, rng, thresh, scale, dropout = fused or (x, y, x, 0, 1.0, False)
     meta = dict(HAS_W=has_w, HAS_B=has_b, HAS_RESIDUAL=fused is not None, DROPOUT=dropout,
-                BLOCK_N=block, SINGLE=single, num_warps=warps)
+                BLOCK_N=block, SINGLE=single, RMS=rms, num_warps=warps)
     return (x, r, w, b, y, s, mean, rstd, rng, n, eps, thresh, scale), meta
 
 
 def _bwd_launch(dy, x, w, mean, rstd, dx, pw, pb, m, n, rows_per_prog, has_w, partials,
-                fused=None):
+                fused=None, rms=False):
     """Arguments and meta-parameters of one _ln_bwd launch (also used by `aot_specs`).
     fused: None for LayerNorm, else (grad_summed or None, grad_input or None, rng, thresh,
-    scale); a grad_input turns the dropout epilogue on."""
+    scale); a grad_input turns the dropout epilogue on. rms: RMSNorm (mean unused)."""
     block, single, warps = _config(n)
     gs, din, rng, thresh, scale = fused or (None, None, x, 0, 1.0)
     meta = dict(HAS_W=has_w, PARTIALS=partials, HAS_GS=gs is not None, DROPOUT=din is not None,
-                BLOCK_N=block, SINGLE=single, num_warps=warps)
+                BLOCK_N=block, SINGLE=single, RMS=rms, num_warps=warps)
     gs = dx if gs is None else gs
     din = dx if din is None else din
     return (dy, x, w, mean, rstd, dx, gs, din, rng, pw, pb, m, n, rows_per_prog, thresh,
@@ -316,12 +329,24 @@ def add_forward(x, residual, weight, bias, rng, dropout_p, eps):
     return _forward(x, residual, weight, bias, rng, dropout_p, eps)
 
 
-def _forward(x, residual, weight, bias, rng, dropout_p, eps):
+def rms_forward(x, weight, eps):
+    """(y, rstd) of RMSNorm for a 2-D x; weight is (N,) or None."""
+    y, _, _, rstd = _forward(x, None, weight, None, None, 0.0, eps, rms=True)
+    return y, rstd
+
+
+def add_rms_forward(x, residual, weight, rng, dropout_p, eps):
+    """(y, summed, rstd): summed = residual + dropout(x) in x's dtype, y its RMSNorm."""
+    y, s, _, rstd = _forward(x, residual, weight, None, rng, dropout_p, eps, rms=True)
+    return y, s, rstd
+
+
+def _forward(x, residual, weight, bias, rng, dropout_p, eps, rms=False):
     x = x.contiguous()
     m, n = x.shape
     y = torch.empty_like(x)
     s = None if residual is None else torch.empty_like(x)
-    mean = torch.empty((m,), dtype=torch.float32, device=x.device)
+    mean = torch.empty((0 if rms else m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         return y, s, mean.fill_(float("nan")), rstd.fill_(float("nan"))
@@ -333,8 +358,8 @@ def _forward(x, residual, weight, bias, rng, dropout_p, eps):
         fused = (residual.contiguous(), s, rng if drop else x,
                  dropout_threshold(dropout_p) if drop else 0,
                  dropout_scale(dropout_p) if drop else 1.0, drop)
-    args, meta = _fwd_launch(x, w, b, y, mean, rstd, n, eps, weight is not None, bias is not None,
-                             fused)
+    args, meta = _fwd_launch(x, w, b, y, rstd if rms else mean, rstd, n, eps, weight is not None,
+                             bias is not None, fused, rms)
     wrap_triton(_ln_fwd)[(m,)](*args, **meta)
     return y, s, mean, rstd
 
@@ -359,7 +384,21 @@ def add_backward(dy, grad_summed, summed, mean, rstd, weight, bias, rng, dropout
                      fused=(grad_summed, rng, dropout_p, input_grad))
 
 
-def _backward(dy, x, mean, rstd, weight, bias, weight_grad, bias_grad, fused=None):
+def rms_backward(dy, x, rstd, weight, weight_grad):
+    """(dx, dweight) of rms_forward; dweight is empty float32 unless weight_grad."""
+    dx, _, dw, _ = _backward(dy, x, rstd, rstd, weight, None, weight_grad, False, rms=True)
+    return dx, dw
+
+
+def add_rms_backward(dy, grad_summed, summed, rstd, weight, rng, dropout_p, input_grad,
+                     weight_grad):
+    """(grad_residual, grad_input, dweight) of add_rms_forward (grad_input as add_backward's)."""
+    dres, din, dw, _ = _backward(dy, summed, rstd, rstd, weight, None, weight_grad, False,
+                                 fused=(grad_summed, rng, dropout_p, input_grad), rms=True)
+    return dres, din, dw
+
+
+def _backward(dy, x, mean, rstd, weight, bias, weight_grad, bias_grad, fused=None, rms=False):
     x = x.contiguous()
     dy = dy.contiguous()
     m, n = x.shape
@@ -387,7 +426,7 @@ def _backward(dy, x, mean, rstd, weight, bias, weight_grad, bias_grad, fused=Non
     w = x if weight is None else weight.contiguous()
     args, meta = _bwd_launch(dy, x, w, mean.contiguous(), rstd.contiguous(), dx, part[0], part[1],
                              m, n, triton.cdiv(m, progs), weight is not None, partials,
-                             launch_fused)
+                             launch_fused, rms)
     wrap_triton(_ln_bwd)[(progs,)](*args, **meta)
     for out, p, wanted in ((dw, part[0], weight_grad), (db, part[1], bias_grad)):
         if wanted:

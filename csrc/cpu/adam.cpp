@@ -24,19 +24,6 @@
 namespace fastlm {
 namespace {
 
-FASTLM_INLINE float to_f(float v) { return v; }
-FASTLM_INLINE float to_f(c10::BFloat16 v) {
-  uint32_t bits = uint32_t(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-FASTLM_INLINE float to_f(c10::Half v) { return static_cast<float>(v); }
-template <typename T>
-FASTLM_INLINE T from_f(float v) {
-  return static_cast<T>(v);
-}
-
 // Per-tensor constants of one step.
 struct AdamScalars {
   float lr, beta1, beta2, eps, wd;

@@ -9,6 +9,10 @@
 //                    dw += dy * xhat, db += dy  (into a per-chunk partial row).
 // dw and db are deterministic: rows are split into a fixed number of chunks that does not
 // depend on the thread count, and the chunk partials are summed in chunk order.
+//
+// RMSNorm (fastlm.rms_norm, add_rms_norm) runs on the same row code with mean == nullptr: no
+// centring (mu = 0, so rstd = 1/sqrt(mean(x^2) + eps)), no bias, and in the backward no mean(g)
+// term: dx = rstd * (g - xhat * mean(g * xhat)).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -29,23 +33,9 @@
 namespace fastlm {
 namespace {
 
-FASTLM_INLINE float to_f(float v) { return v; }
-FASTLM_INLINE float to_f(c10::BFloat16 v) {
-  uint32_t bits = uint32_t(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-FASTLM_INLINE float to_f(c10::Half v) { return static_cast<float>(v); }
-
-template <typename T>
-FASTLM_INLINE T from_f(float v) {
-  return static_cast<T>(v);  // round to nearest even, NaN kept (c10 conversions)
-}
-
 constexpr int64_t kSumBlock = 512;
 
-// Statistics and output of one row given as float32 values xf.
+// Statistics and output of one row given as float32 values xf; mean == nullptr: RMSNorm.
 template <typename T, typename W>
 FASTLM_INLINE void norm_row(const float* __restrict xf, const W* __restrict w,
                             const W* __restrict b, T* __restrict y, float* mean, float* rstd,
@@ -53,7 +43,7 @@ FASTLM_INLINE void norm_row(const float* __restrict xf, const W* __restrict w,
   // Row sums: float SIMD lanes within blocks of kSumBlock elements, the block sums in double,
   // so the rounding error does not grow with the row length.
   double s = 0.0;
-  for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
+  for (int64_t j0 = 0; mean && j0 < N; j0 += kSumBlock) {
     const int64_t j1 = std::min(N, j0 + kSumBlock);
     float part = 0.f;
 #pragma omp simd reduction(+ : part)
@@ -73,7 +63,7 @@ FASTLM_INLINE void norm_row(const float* __restrict xf, const W* __restrict w,
     ss += part;
   }
   const float rs = 1.f / std::sqrt(float(ss / double(N)) + eps);
-  *mean = mu;
+  if (mean) *mean = mu;
   *rstd = rs;
   if (w && b) {
 #pragma omp simd
@@ -111,13 +101,13 @@ FASTLM_INLINE void fwd_rows(const T* x, const W* w, const W* b, T* y, float* mea
                      int64_t r0, int64_t r1, int64_t N, float eps) {
   std::vector<float> buf(N);
   for (int64_t r = r0; r < r1; ++r)
-    fwd_row(x + r * N, w, b, y + r * N, mean + r, rstd + r, N, eps, buf.data());
+    fwd_row(x + r * N, w, b, y + r * N, mean ? mean + r : nullptr, rstd + r, N, eps, buf.data());
 }
 
 template <bool PARTIALS, bool HAS_W, typename T, typename W, typename D>
 FASTLM_INLINE void bwd_row(const T* __restrict dy, const T* __restrict x, float mu, float rs,
                     const W* __restrict w, D* __restrict dx, float* __restrict dw,
-                    float* __restrict db, int64_t N) {
+                    float* __restrict db, int64_t N, bool rms) {
   // Pass 1: the two row sums. Pass 2 re-reads x and dy (from L1/L2) instead of storing
   // xhat and g, which measured faster than keeping them in a row buffer.
   double sa = 0.0, sc = 0.0;  // blocked as in fwd_row
@@ -133,7 +123,7 @@ FASTLM_INLINE void bwd_row(const T* __restrict dy, const T* __restrict x, float 
     sa += pa;
     sc += pc;
   }
-  const float a = float(sa / double(N)), c = float(sc / double(N));
+  const float a = float(sa / double(N)), c = rms ? 0.f : float(sc / double(N));
 #pragma omp simd
   for (int64_t j = 0; j < N; ++j) {
     const float dyj = to_f(dy[j]);
@@ -152,7 +142,8 @@ FASTLM_INLINE void bwd_rows_as(const T* dy, const T* x, const float* mean, const
                                const W* w, D* dx, float* dw, float* db, int64_t r0, int64_t r1,
                                int64_t N) {
   for (int64_t r = r0; r < r1; ++r)
-    bwd_row<PARTIALS, HAS_W>(dy + r * N, x + r * N, mean[r], rstd[r], w, dx + r * N, dw, db, N);
+    bwd_row<PARTIALS, HAS_W>(dy + r * N, x + r * N, mean ? mean[r] : 0.f, rstd[r], w, dx + r * N,
+                             dw, db, N, !mean);
 }
 
 // dw and db point at this chunk's partial rows (both or neither). The loop-invariant choices
@@ -232,11 +223,11 @@ FASTLM_INLINE void add_fwd_rows(const T* x, const T* res, const W* w, const W* b
     const int64_t o = r * N;
     if (d.thresh) {
       dropout_keep_row(d, r, N, words.data(), m.data());
-      add_fwd_row<true>(x + o, res + o, w, b, y + o, s + o, mean + r, rstd + r, N, eps, m.data(),
-                        buf.data());
+      add_fwd_row<true>(x + o, res + o, w, b, y + o, s + o, mean ? mean + r : nullptr, rstd + r,
+                        N, eps, m.data(), buf.data());
     } else {
-      add_fwd_row<false>(x + o, res + o, w, b, y + o, s + o, mean + r, rstd + r, N, eps,
-                         nullptr, buf.data());
+      add_fwd_row<false>(x + o, res + o, w, b, y + o, s + o, mean ? mean + r : nullptr, rstd + r,
+                         N, eps, nullptr, buf.data());
     }
   }
 }
@@ -263,7 +254,8 @@ FASTLM_INLINE void add_bwd_rows_as(const T* dy, const T* gs, const T* s, const f
   std::vector<uint32_t> words(din ? n8 / 2 : 0);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * N;
-    bwd_row<PARTIALS, HAS_W>(dy + o, s + o, mean[r], rstd[r], w, g.data(), dw, db, N);
+    bwd_row<PARTIALS, HAS_W>(dy + o, s + o, mean ? mean[r] : 0.f, rstd[r], w, g.data(), dw, db, N,
+                             !mean);
     if (din) dropout_keep_row(d, r, N, words.data(), m.data());
     if (gs && din) add_bwd_epilogue<true, true>(g.data(), gs + o, m.data(), dres + o, din + o, N);
     else if (gs) add_bwd_epilogue<true, false>(g.data(), gs + o, m.data(), dres + o, din, N);
@@ -486,6 +478,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
   return {g.dx, g.din, g.dw, g.db};
 }
 
+// ------------------------------------------------------------------------------------------
+// fastlm.rms_norm and fastlm.add_rms_norm: the drivers above with mean == nullptr, no bias.
+constexpr const char* kRms = "fastlm.rms_norm";
+constexpr const char* kAddRms = "fastlm.add_rms_norm";
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& input,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    double eps) {
+  ln_check_fwd(input, weight, std::nullopt, kRms);
+  const LnFwd f = ln_fwd_prepare(input, nullptr, weight, std::nullopt, true);
+  if (f.done) return {f.y, f.rstd};
+  const float feps = static_cast<float>(eps);
+#define CALL(T, W, tag)                                                                       \
+  at::parallel_for(0, f.M, kGrainRows, [&](int64_t r0, int64_t r1) {                          \
+    fwd_##tag(f.x.const_data_ptr<T>(), static_cast<const W*>(opt_ptr(f.w)), nullptr,          \
+              f.y.mutable_data_ptr<T>(), nullptr, f.rstd.mutable_data_ptr<float>(), r0, r1,   \
+              f.N, feps);                                                                     \
+  })
+  FASTLM_LN_DISPATCH(f.x.scalar_type(), f.pf32, CALL)
+#undef CALL
+  return {f.y, f.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_out,
+                                                    const at::Tensor& input,
+                                                    const at::Tensor& rstd,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    bool weight_grad) {
+  ln_check_bwd(grad_out, input, rstd, rstd, weight, std::nullopt, weight_grad, false, kRms);
+  LnBwd g = ln_bwd_prepare(grad_out, std::nullopt, input, rstd, rstd, weight, std::nullopt, false,
+                           false, weight_grad, false);
+  if (g.done) return {g.dx, g.dw};
+  Chunks chunks(g);
+#define CALL(T, W, tag)                                                                       \
+  chunks.run([&](int64_t r0, int64_t r1, float* pw, float* pb) {                              \
+    bwd_##tag(g.dy.const_data_ptr<T>(), g.x.const_data_ptr<T>(), nullptr,                     \
+              g.rs.const_data_ptr<float>(), static_cast<const W*>(opt_ptr(g.w)),              \
+              g.dx.mutable_data_ptr<T>(), pw, pb, r0, r1, g.N);                               \
+  })
+  FASTLM_LN_DISPATCH(g.x.scalar_type(), g.pf32, CALL)
+#undef CALL
+  chunks.reduce(g.dw, g.db);
+  return {g.dx, g.dw};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& rng, double dropout_p, double eps) {
+  const bool drop = aln_check_fwd(input, residual, weight, std::nullopt, rng, dropout_p, kAddRms);
+  const LnFwd f = ln_fwd_prepare(input, &residual, weight, std::nullopt, true);
+  if (f.done) return {f.y, f.summed, f.rstd};
+  const Dropout d = make_dropout(rng, dropout_p, drop);
+  const float feps = static_cast<float>(eps);
+#define CALL(T, W, tag)                                                                       \
+  at::parallel_for(0, f.M, kGrainRows, [&](int64_t r0, int64_t r1) {                          \
+    add_fwd_##tag(f.x.const_data_ptr<T>(), f.res.const_data_ptr<T>(),                         \
+                  static_cast<const W*>(opt_ptr(f.w)), nullptr, f.y.mutable_data_ptr<T>(),    \
+                  f.summed.mutable_data_ptr<T>(), nullptr, f.rstd.mutable_data_ptr<float>(),  \
+                  r0, r1, f.N, feps, d);                                                      \
+  })
+  FASTLM_LN_DISPATCH(f.x.scalar_type(), f.pf32, CALL)
+#undef CALL
+  return {f.y, f.summed, f.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_summed,
+    const at::Tensor& summed, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& rng, double dropout_p, bool input_grad, bool weight_grad) {
+  const bool want_din = aln_check_bwd(grad_out, grad_summed, summed, rstd, rstd, weight,
+                                      std::nullopt, rng, dropout_p, input_grad, weight_grad, false,
+                                      kAddRms);
+  LnBwd g = ln_bwd_prepare(grad_out, grad_summed, summed, rstd, rstd, weight, std::nullopt, true,
+                           want_din, weight_grad, false);
+  if (g.done) return {g.dx, g.din, g.dw};
+  const Dropout d = make_dropout(rng, dropout_p, want_din);
+  Chunks chunks(g);
+#define CALL(T, W, tag)                                                                       \
+  chunks.run([&](int64_t r0, int64_t r1, float* pw, float* pb) {                              \
+    add_bwd_##tag(g.dy.const_data_ptr<T>(), g.gs.defined() ? g.gs.const_data_ptr<T>() : nullptr, \
+                  g.x.const_data_ptr<T>(), nullptr, g.rs.const_data_ptr<float>(),             \
+                  static_cast<const W*>(opt_ptr(g.w)), g.dx.mutable_data_ptr<T>(),            \
+                  want_din ? g.din.mutable_data_ptr<T>() : nullptr, pw, pb, r0, r1, g.N, d);  \
+  })
+  FASTLM_LN_DISPATCH(g.x.scalar_type(), g.pf32, CALL)
+#undef CALL
+  chunks.reduce(g.dw, g.db);
+  return {g.dx, g.din, g.dw};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
@@ -493,6 +575,10 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
   m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_cpu);
   m.impl("add_layer_norm_bwd", &add_layer_norm_bwd_cpu);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_cpu);
+  m.impl("add_rms_norm_fwd", &add_rms_norm_fwd_cpu);
+  m.impl("add_rms_norm_bwd", &add_rms_norm_bwd_cpu);
 }
 
 }  // namespace fastlm

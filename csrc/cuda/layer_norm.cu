@@ -20,6 +20,9 @@
 // stores it as `summed` and normalizes the rounded values; the backward (x = summed) adds
 // grad_summed to dx (= grad_residual) and stores grad_input = dx * m. The keep bits
 // (docs/layer_norm.md) are recomputed from rng in both passes: one Philox call per 8 columns.
+//
+// RMSNorm (fastlm.rms_norm, add_rms_norm) runs on the same kernels with mean == nullptr: no
+// centring (mu = 0: the first reduction is skipped), no bias, and no mean(g) term (c = 0).
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -165,8 +168,9 @@ __global__ void __launch_bounds__(kFwdRegMaxThreads) ln_fwd_reg(const T* __restr
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s += v[i][k];
   }
-  row_sum2(s, unused, smem);
-  const float mu = s / N;
+  const bool rms = mean == nullptr;  // uniform across the block
+  if (!rms) row_sum2(s, unused, smem);
+  const float mu = rms ? 0.f : s / N;
   float ss = 0.f;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
@@ -183,7 +187,7 @@ __global__ void __launch_bounds__(kFwdRegMaxThreads) ln_fwd_reg(const T* __restr
   if (!live) return;
   const float rs = rsqrtf(ss / N + eps);
   if (threadIdx.x == 0) {
-    mean[row] = mu;
+    if (!rms) mean[row] = mu;
     rstd[row] = rs;
   }
   T* yr = y + row * N;
@@ -221,8 +225,9 @@ __global__ void ln_fwd_loop(const T* __restrict x, const void* __restrict w,
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s += v[k];
   }
-  row_sum2(s, unused, smem);
-  const float mu = s / N;
+  const bool rms = mean == nullptr;  // uniform across the block
+  if (!rms) row_sum2(s, unused, smem);
+  const float mu = rms ? 0.f : s / N;
   float ss = 0.f;
   for (int j = threadIdx.x * VEC; j < N; j += blockDim.x * VEC) {
     float v[VEC];
@@ -233,7 +238,7 @@ __global__ void ln_fwd_loop(const T* __restrict x, const void* __restrict w,
   row_sum2(ss, unused, smem);
   const float rs = rsqrtf(ss / N + eps);
   if (threadIdx.x == 0) {
-    mean[row] = mu;
+    if (!rms) mean[row] = mu;
     rstd[row] = rs;
   }
   T* yr = y + row * N;
@@ -267,7 +272,7 @@ __global__ void __launch_bounds__(bwd_reg_max_threads(ITEMS)) ln_bwd_reg(const T
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {
     const int64_t row = g * blockDim.y + threadIdx.y;
     const bool live = row < M;
-    const float mu = live ? mean[row] : 0.f, rs = live ? rstd[row] : 0.f;
+    const float mu = live && mean ? mean[row] : 0.f, rs = live ? rstd[row] : 0.f;
     float xh[ITEMS][VEC], gv[ITEMS][VEC];
     float a = 0.f, c = 0.f;
 #pragma unroll
@@ -295,7 +300,7 @@ __global__ void __launch_bounds__(bwd_reg_max_threads(ITEMS)) ln_bwd_reg(const T
     row_sum2(a, c, smem);
     if (live) {
       a /= N;
-      c /= N;
+      c = mean ? c / N : 0.f;
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         const int j = (threadIdx.x + i * blockDim.x) * VEC;
@@ -336,7 +341,7 @@ __global__ void ln_bwd_loop(const T* __restrict dy, const T* __restrict x,
   float* pb = part_b ? part_b + int64_t(blockIdx.x) * N : nullptr;
   bool first = true;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
-    const float mu = mean[row], rs = rstd[row];
+    const float mu = mean ? mean[row] : 0.f, rs = rstd[row];
     const T* xr = x + row * N;
     const T* dyr = dy + row * N;
     float a = 0.f, c = 0.f;
@@ -354,7 +359,7 @@ __global__ void ln_bwd_loop(const T* __restrict dy, const T* __restrict x,
     }
     row_sum2(a, c, smem);
     a /= N;
-    c /= N;
+    c = mean ? c / N : 0.f;
     for (int j = threadIdx.x * VEC; j < N; j += blockDim.x * VEC) {
       float xv[VEC], dv[VEC], wv[VEC], o[VEC];
       load_f<T, VEC>(xr + j, xv);
@@ -466,7 +471,8 @@ void dispatch_items(int items, F&& f) {
 
 size_t reduce_smem(const Plan& p) { return sizeof(float) * 2 * p.ty * (p.tx / 32); }
 
-// Launches the forward on allocated outputs (M, N > 0); ADD when a.res is set.
+// Launches the forward on allocated outputs (M, N > 0); ADD when a.res is set; RMSNorm when
+// mean is empty.
 void launch_fwd(const at::Tensor& x, const std::optional<at::Tensor>& w,
                 const std::optional<at::Tensor>& b, bool pf32, at::Tensor& y, at::Tensor& mean,
                 at::Tensor& rstd, double eps, const AddArgs& a) {
@@ -483,6 +489,7 @@ void launch_fwd(const at::Tensor& x, const std::optional<at::Tensor>& w,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 block(p.tx, p.ty);
   const size_t smem = reduce_smem(p);
+  float* mean_p = mean.numel() ? mean.mutable_data_ptr<float>() : nullptr;
   dispatch_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     constexpr int FULL = 16 / sizeof(T);
@@ -494,16 +501,16 @@ void launch_fwd(const at::Tensor& x, const std::optional<at::Tensor>& w,
         dispatch_items(p.items, [&](auto items) {
           ln_fwd_reg<T, FULL, decltype(items)::value, ADD>
               <<<unsigned(groups), block, smem, stream>>>(
-                  xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
+                  xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean_p,
                   rstd.mutable_data_ptr<float>(), M, int(N), float(eps), a);
         });
       } else if (p.vec == FULL) {
         ln_fwd_loop<T, FULL, ADD><<<unsigned(M), block, smem, stream>>>(
-            xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
+            xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean_p,
             rstd.mutable_data_ptr<float>(), int(N), float(eps), a);
       } else {
         ln_fwd_loop<T, 1, ADD><<<unsigned(M), block, smem, stream>>>(
-            xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean.mutable_data_ptr<float>(),
+            xp, opt_ptr(w), opt_ptr(b), pf32, yp, mean_p,
             rstd.mutable_data_ptr<float>(), int(N), float(eps), a);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -576,7 +583,8 @@ int blocks_per_sm(K kernel, int threads, size_t smem, int device) {
   return n;
 }
 
-// Launches the backward (M, N > 0) into dx and, when partials, dw/db; ADD when `add`.
+// Launches the backward (M, N > 0) into dx and, when partials, dw/db; ADD when `add`; RMSNorm
+// when mu is empty.
 void launch_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mu,
                 const at::Tensor& rs, const std::optional<at::Tensor>& w, bool pf32,
                 at::Tensor& dx, at::Tensor& dw, at::Tensor& db, bool partials, bool add,
@@ -611,7 +619,9 @@ void launch_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mu,
         pw = part.mutable_data_ptr<float>();
       }
       kernel<<<unsigned(grid), block, smem, stream>>>(
-          dyp, xp, mu.const_data_ptr<float>(), rs.const_data_ptr<float>(), opt_ptr(w), pf32, dxp,
+          dyp, xp, mu.defined() && mu.numel() ? mu.const_data_ptr<float>() : nullptr,
+          rs.const_data_ptr<float>(),
+          opt_ptr(w), pf32, dxp,
           pw, pw ? pw + prows * N : nullptr, M, int(N), a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (partials) launch_column_sum(pw, prows, N, dw, db, stream);
@@ -667,6 +677,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cu
   return {g.dx, g.din, g.dw, g.db};
 }
 
+// ------------------------------------------------------------------------------------------
+// fastlm.rms_norm and fastlm.add_rms_norm: the launches above with an empty mean, no bias.
+constexpr const char* kRms = "fastlm.rms_norm";
+constexpr const char* kAddRms = "fastlm.add_rms_norm";
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& input,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     double eps) {
+  ln_check_fwd(input, weight, std::nullopt, kRms);
+  c10::cuda::CUDAGuard guard(input.device());
+  LnFwd f = ln_fwd_prepare(input, nullptr, weight, std::nullopt, true);
+  if (!f.done) launch_fwd(f.x, f.w, f.b, f.pf32, f.y, f.mean, f.rstd, eps, AddArgs{});
+  return {f.y, f.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_out,
+                                                     const at::Tensor& input,
+                                                     const at::Tensor& rstd,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     bool weight_grad) {
+  ln_check_bwd(grad_out, input, rstd, rstd, weight, std::nullopt, weight_grad, false, kRms);
+  c10::cuda::CUDAGuard guard(input.device());
+  LnBwd g = ln_bwd_prepare(grad_out, std::nullopt, input, rstd, rstd, weight, std::nullopt, false,
+                           false, weight_grad, false);
+  if (!g.done)
+    launch_bwd(g.dy, g.x, at::Tensor(), g.rs, g.w, g.pf32, g.dx, g.dw, g.db, weight_grad, false,
+               AddArgs{});
+  return {g.dx, g.dw};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& rng, double dropout_p, double eps) {
+  const bool drop = aln_check_fwd(input, residual, weight, std::nullopt, rng, dropout_p, kAddRms);
+  c10::cuda::CUDAGuard guard(input.device());
+  LnFwd f = ln_fwd_prepare(input, &residual, weight, std::nullopt, true);
+  if (f.done) return {f.y, f.summed, f.rstd};
+  const at::Tensor r = drop ? rng->contiguous() : at::Tensor();
+  AddArgs a;
+  a.res = f.res.const_data_ptr();
+  a.summed = f.summed.mutable_data_ptr();
+  if (drop) set_dropout(a, r, dropout_p);
+  launch_fwd(f.x, f.w, f.b, f.pf32, f.y, f.mean, f.rstd, eps, a);
+  return {f.y, f.summed, f.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_bwd_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_summed,
+    const at::Tensor& summed, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& rng, double dropout_p, bool input_grad, bool weight_grad) {
+  const bool want_din = aln_check_bwd(grad_out, grad_summed, summed, rstd, rstd, weight,
+                                      std::nullopt, rng, dropout_p, input_grad, weight_grad, false,
+                                      kAddRms);
+  c10::cuda::CUDAGuard guard(summed.device());
+  LnBwd g = ln_bwd_prepare(grad_out, grad_summed, summed, rstd, rstd, weight, std::nullopt, true,
+                           want_din, weight_grad, false);
+  if (g.done) return {g.dx, g.din, g.dw};
+  const at::Tensor r = want_din ? rng->contiguous() : at::Tensor();
+  AddArgs a;
+  a.gs = g.gs.defined() ? g.gs.const_data_ptr() : nullptr;
+  if (want_din) {
+    a.din = g.din.mutable_data_ptr();
+    set_dropout(a, r, dropout_p);
+  }
+  launch_bwd(g.dy, g.x, at::Tensor(), g.rs, g.w, g.pf32, g.dx, g.dw, g.db, weight_grad, true, a);
+  return {g.dx, g.din, g.dw};
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -675,6 +753,10 @@ TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
   m.impl("layer_norm_bwd", &cuda::layer_norm_bwd_cuda);
   m.impl("add_layer_norm_fwd", &cuda::add_layer_norm_fwd_cuda);
   m.impl("add_layer_norm_bwd", &cuda::add_layer_norm_bwd_cuda);
+  m.impl("rms_norm_fwd", &cuda::rms_norm_fwd_cuda);
+  m.impl("rms_norm_bwd", &cuda::rms_norm_bwd_cuda);
+  m.impl("add_rms_norm_fwd", &cuda::add_rms_norm_fwd_cuda);
+  m.impl("add_rms_norm_bwd", &cuda::add_rms_norm_bwd_cuda);
 }
 
 }  // namespace fastlm

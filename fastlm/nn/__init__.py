@@ -8,10 +8,12 @@ import torch.nn as _torch_nn
 
 from .layer_norm import LayerNorm
 from .multihead_attention import MultiheadAttention
+from .rms_norm import RMSNorm
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer,
                           TransformerEncoder, TransformerEncoderLayer)
 
-__all__ = ["LayerNorm", "MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder",
+__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention", "TransformerEncoderLayer",
+           "TransformerEncoder",
            "TransformerDecoderLayer", "TransformerDecoder", "Transformer"]
 
 

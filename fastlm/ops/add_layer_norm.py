@@ -217,6 +217,19 @@ def _check_pair(input, residual, dropout_p):
         raise ArgumentError(f"{WHO}: dropout_p must be in [0, 1], got {dropout_p}")
 
 
+def _promoted_pair(input, residual, who=WHO):
+    """input and residual in one dtype: promoted under autocast (as eager torch), else an
+    error (also fastlm.add_rms_norm's)."""
+    if residual.dtype == input.dtype:
+        return input, residual
+    if not torch.is_autocast_enabled(input.device.type):
+        raise ArgumentTypeError(f"{who}: input and residual must have the same dtype, got "
+                                f"{input.dtype} and {residual.dtype} (eager torch would "
+                                "promote; cast one of them)")
+    dt = torch.promote_types(input.dtype, residual.dtype)
+    return input.to(dt), residual.to(dt)
+
+
 def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5,
                    dropout_p=0.0):
     """(out, summed) with summed = residual + dropout(input, dropout_p) and
@@ -237,13 +250,7 @@ def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, ep
     _check_pair(input, residual, dropout_p)
     dropout_p = float(dropout_p)
     dev = input.device
-    if residual.dtype != input.dtype:
-        if not torch.is_autocast_enabled(dev.type):
-            raise ArgumentTypeError(f"{WHO}: input and residual must have the same dtype, got "
-                                    f"{input.dtype} and {residual.dtype} (eager torch would "
-                                    "promote; cast one of them)")
-        dt = torch.promote_types(input.dtype, residual.dtype)
-        input, residual = input.to(dt), residual.to(dt)
+    input, residual = _promoted_pair(input, residual)
     if dev.type == "cuda" and torch.is_autocast_enabled("cuda") and input.dtype != torch.float64:
         if input.dtype != torch.float32:
             # Eager keeps the 16-bit sum and normalizes it in float32.
