@@ -478,7 +478,11 @@ def _canonical(query, key, value, attn_mask, enable_gqa):
 
     def canon(t, h):
         t = t.expand(*batch, h, *t.shape[-2:]).reshape(b, h, *t.shape[-2:])
-        return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+        if t.stride(-1) == 1:
+            return t
+        if t.shape[-1] == 1:  # a head dim of 1 (stride 0, say): any stride addresses it
+            return t.as_strided(t.shape, (*t.stride()[:-1], 1))
+        return t.contiguous()
 
     qc, kc, vc = canon(q, hq), canon(k, hk), canon(v, hk)
     mask = None
