@@ -40,18 +40,22 @@
 set -u -o pipefail
 
 # Expected seconds per stage on the H200 (16 cores), and how each was estimated. Recorded in
-# stages.tsv next to the measured time; nothing here has been measured on an H200 yet.
+# stages.tsv next to the measured time; nothing here has been measured on an H200 yet. CPU times
+# below were measured on the 2-core development machine (user + sys, so other load does not count).
 declare -A EXPECT=(
   # python + torch import (~5 s), CUDA init, do_bench of a 2 GiB copy and a bf16 8192^3 matmul.
   [env]=20
-  # nvcc of the slowest translation unit for sm_90a alone (csrc/cuda/attention.cu: 160 s on one
-  # busy core here, ninja log of `fastlm compile --arch sm_90a`; the H200 host's cores are
-  # assumed no slower) + the C++ CPU units in parallel + pip overhead. The warm-up runs beside it.
-  [build]=200
-  # 418 tests (tests/smoke.py), ~0.1 s each on 8 xdist workers (~10 s), worker start (~15 s),
-  # and the Triton variants not warmed during the build: at most ~300 kernels (4 per attention
-  # test, 2-3 per LayerNorm test) x ~1.5 s compile, over 8 workers ~60 s when nothing is warm.
-  [smoke]=90
+  # The slowest translation unit bounds a 16-job build: csrc/cpu/layer_norm.cpp 112 s of CPU
+  # (g++ -O3, target_clones over three ISAs), csrc/cuda/attention.cu for sm_90a alone 69 s, the
+  # others less; all at once on 16 cores -> ~115 s, + pip ~15 s, + at most 30 s for the Triton
+  # warm-up to finish its current part. The warm-up itself runs beside nvcc on the idle cores.
+  [build]=150
+  # 418 tests (tests/smoke.py; 159 on Triton), ~0.1-0.3 s each on 8 xdist workers (~15 s) plus
+  # worker start (~15 s), plus the Triton kernels the warm-up did not compile: at most 4 per
+  # attention test (59) and 3 per LayerNorm/Adam test (100), ~540 kernels x 1.1 s (24 sm_90a
+  # kernels took 27 s of CPU with `fastlm compile`, triton 3.8) ~ 600 CPU-s, an upper bound;
+  # the warm-up's 4 workers take most of them during the build: ~30-60 s warm, ~110 s cold.
+  [smoke]=60
   # the lead's headline profile: attention 16 points x 5 implementations, LayerNorm 6 x 4,
   # AdamW 2 x 2, do_bench ~0.3 s each (~35 s), float32 oracles, and the GPT step: 4 rows, two
   # of them compiled (~40 s each with inductor's cache warm from the build, ~90 s cold).
@@ -61,11 +65,12 @@ declare -A EXPECT=(
   # torch's CUDA init under the sanitizer (~30 s) + ~120 cases x a few launches, twice (memcheck,
   # racecheck)
   [sanitize]=180
-  # 8-17 GB tensors: allocation, one kernel each, float32 checks of sampled rows
+  # 8-36 GB tensors: allocation, one kernel each, float32 checks of sampled rows; 10 tests
   [large]=120
   # the full grid: about 10 minutes (fastlm bench's own estimate on the H100)
   [bench]=600
 )
+# env + build + smoke + headline: 430 s expected, inside the 8 minutes (480 s) of the goal.
 declare -A CAP=([env]=90 [build]=420 [smoke]=240 [headline]=300 [tests]=420 [sanitize]=300
                 [large]=240 [bench]=600)
 ORDER=(env build smoke headline tests sanitize large bench)

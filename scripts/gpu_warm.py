@@ -9,11 +9,15 @@ fastlm._C exists, the very calls the later stages make, and Triton's JIT fills i
 
   1. headline: every Triton implementation of every benchmark case at its `--profile headline`
      shapes, each direction the headline times, called once (the same prepare() as the bench);
-  2. compile: the pure-torch GPT step under torch.compile (its `torch-compile` row), which fills
-     inductor's FX-graph and Triton caches; the fastlm rows are left to the bench, since without
-     fastlm._C its graphs would differ from the ones the bench traces;
+  2. compile: the `torch-compile` rows of the benchmark cases (torch.compile of the pure-torch
+     ops and GPT step), which fill inductor's FX-graph and Triton caches; the fastlm rows are
+     left to the bench, since without fastlm._C their graphs differ from the ones it traces;
   3. smoke: the Triton tests of the smoke subset (`pytest -m "smoke and triton"`, in parallel
      with pytest-xdist), whose results are discarded here -- the smoke stage runs them again.
+     It starts first, in a subprocess beside parts 1 and 2 (nvcc leaves cores idle, most of the
+     build waits on one or two translation units), and is waited for at the end.
+The headline part comes first because `fastlm bench` compiles serially in one process, while
+the smoke stage compiles on all its xdist workers.
 
 Each part is timed and its failures recorded, never raised: a warm-up that fails costs only
 compile time later. Without fastlm installed, run it with scripts/srcpath on PYTHONPATH (as
@@ -93,16 +97,25 @@ def warm_calls(device, names, rows, part, ops=None):
               f"{'ok' if row['ok'] else row['error']} ({row['seconds']} s)", flush=True)
 
 
-def warm_smoke(workers, timeout):
-    """The smoke subset's Triton tests, in parallel; returns (exit status, seconds)."""
+def start_smoke(workers):
+    """The smoke subset's Triton tests, in parallel, as a subprocess (its output goes to ours)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import smoke  # tests/smoke.py: only the files its rules name are collected
+
+    files = sorted({"tests/" + key.split("::")[0] for key in smoke.RULES})
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "smoke and triton", "-p",
-           "no:cacheprovider", "--tb=line", "tests"]
+           "no:cacheprovider", "--tb=line", *files]
     if workers > 1:
         cmd[3:3] = ["-n", str(workers)]
-    t0 = time.time()
+    return subprocess.Popen(cmd, cwd=ROOT)
+
+
+def wait_smoke(proc, t0, timeout):
+    """(exit status, seconds) of the smoke subprocess; stopped after `timeout` seconds."""
     try:
-        rc = subprocess.run(cmd, cwd=ROOT, timeout=timeout).returncode
+        rc = proc.wait(timeout=max(1.0, timeout - (time.time() - t0)))
     except subprocess.TimeoutExpired:
+        proc.kill()
         rc = 124
     return rc, round(time.time() - t0, 1)
 
@@ -113,9 +126,9 @@ def main(argv=None):
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated parts to run, of {','.join(PARTS)}")
-    p.add_argument("--workers", type=int, default=6,
-                   help="pytest-xdist workers for the smoke part (default 6: nvcc holds the "
-                        "other cores)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="pytest-xdist workers for the smoke part (default 4: nvcc and parts 1-2 "
+                        "hold the other cores)")
     p.add_argument("--smoke-timeout", type=int, default=600)
     p.add_argument("--ops", default=None,
                    help="comma-separated benchmark cases for the headline part (default: all)")
@@ -135,6 +148,12 @@ def main(argv=None):
     report = {"device": a.device, "extension_loaded": fastlm._ext.C is not None, "rows": [],
               "parts": {}}
     t_all = time.time()
+    smoke_proc = None
+    if "smoke" in parts and a.device == "cuda":
+        import importlib.util
+
+        workers = a.workers if importlib.util.find_spec("xdist") else 1
+        smoke_proc = start_smoke(workers)
     if "headline" in parts:
         t0 = time.time()
         ops = [o.strip() for o in a.ops.split(",") if o.strip()] if a.ops else None
@@ -145,11 +164,8 @@ def main(argv=None):
         t0 = time.time()
         warm_calls(device, lambda i: i.name == "torch-compile", report["rows"], "compile")
         report["parts"]["compile"] = {"seconds": round(time.time() - t0, 1)}
-    if "smoke" in parts and a.device == "cuda":
-        import importlib.util
-
-        workers = a.workers if importlib.util.find_spec("xdist") else 1
-        rc, sec = warm_smoke(workers, a.smoke_timeout)
+    if smoke_proc is not None:
+        rc, sec = wait_smoke(smoke_proc, t_all, a.smoke_timeout)
         report["parts"]["smoke"] = {"seconds": sec, "exit": rc, "workers": workers}
     report["seconds"] = round(time.time() - t_all, 1)
     report["failed"] = sum(not r["ok"] for r in report["rows"])
