@@ -25,10 +25,11 @@ from .ops.attention import scaled_dot_product_attention, varlen_attention  # noq
 from .ops.rms_norm import rms_norm, add_rms_norm  # noqa: E402
 from .ops.glu import swiglu, geglu  # noqa: E402
 from .ops.rotary import apply_rotary_emb  # noqa: E402
+from .ops.cross_entropy import linear_cross_entropy  # noqa: E402
 from . import nn, optim  # noqa: E402
 from .patch import patch  # noqa: E402  (the function; the module is fastlm.patch in sys.modules)
 
-__all__ = ["ArgumentError", "ArgumentTypeError", "layer_norm", "add_layer_norm", "scaled_dot_product_attention", "varlen_attention", "rms_norm", "add_rms_norm", "swiglu", "geglu", "apply_rotary_emb", "use_backend", "backends", "nn", "optim", "patch", "__version__"]
+__all__ = ["ArgumentError", "ArgumentTypeError", "layer_norm", "add_layer_norm", "scaled_dot_product_attention", "varlen_attention", "rms_norm", "add_rms_norm", "swiglu", "geglu", "apply_rotary_emb", "linear_cross_entropy", "use_backend", "backends", "nn", "optim", "patch", "__version__"]
 
 
 def __getattr__(name):

@@ -188,9 +188,10 @@ def test_linear_cross_entropy_errors():
 def test_linear_cross_entropy_opcheck():
     h, w, t = _ce_inputs(30, 8, 11, torch.float32, ignore_every=4)
     op = torch.ops.fastlm.linear_cross_entropy_fwd
-    torch.library.opcheck(op, (h, w, t, -1, "mean", 7, torch.float32, True, True))
-    torch.library.opcheck(op, (h.detach(), w.detach(), t, -1, "sum", 30, torch.float32, False,
+    torch.library.opcheck(op, (h, w, None, t, -1, "mean", 0.0, 7, torch.float32, True, True,
                                False))
+    torch.library.opcheck(op, (h.detach(), w.detach(), None, t, -1, "sum", 0.0, 30,
+                               torch.float32, False, False, False))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,13 +8,14 @@ import torch.nn as _torch_nn
 
 from .layer_norm import LayerNorm
 from .multihead_attention import MultiheadAttention
+from .linear_cross_entropy import LinearCrossEntropyLoss
 from .rms_norm import RMSNorm
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer,
                           TransformerEncoder, TransformerEncoderLayer)
 
-__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention", "TransformerEncoderLayer",
-           "TransformerEncoder",
-           "TransformerDecoderLayer", "TransformerDecoder", "Transformer"]
+__all__ = ["LayerNorm", "RMSNorm", "LinearCrossEntropyLoss", "MultiheadAttention",
+           "TransformerEncoderLayer", "TransformerEncoder", "TransformerDecoderLayer",
+           "TransformerDecoder", "Transformer"]
 
 
 def __getattr__(name):
