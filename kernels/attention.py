@@ -789,6 +789,54 @@ def _config(kind, dtype, e, ev, arch, extras, varlen=False):
     return _CONFIGS[90 if arch >= 90 else 80][kind][d][extras]
 
 
+# Which kernels run, per arch: "tma" is kernels/attention_sm90.py (TMA tiles, 128 x 128
+# forward tiles, the fused 5-matmul backward with its ordered dQ), "fa2" is this file's
+# FlashAttention-2 kernels (cp.async loads, three backward kernels with dQ computed apart).
+# "tma" falls back to "fa2", per call, for what its table (attention_sm90.CONFIGS) has no
+# spill-free tile for: float32, masks, head dims above 128 (the backward: above 64, causal or
+# dropout), and for tensors TMA cannot address (a base or stride that is not a multiple of 16
+# bytes, a broadcast (stride 0) dim); attention_sm90.supports and tma_ready decide.
+_VARIANTS = {
+    90: {"fwd": "tma", "bwd": "tma"},
+    80: {"fwd": "fa2", "bwd": "fa2"},
+}
+_FORCED = {}  # kind -> variant, set by force_variant (tests, benchmarks)
+
+
+class force_variant:
+    """Context manager: run the given variants (fwd="fa2" | "tma", bwd=...) whatever the
+    arch's table says; "tma" still falls back where it cannot run (see _VARIANTS)."""
+
+    def __init__(self, **kinds):
+        bad = {k: v for k, v in kinds.items() if k not in ("fwd", "bwd") or v not in
+               ("fa2", "tma")}
+        if bad:
+            raise ValueError(f"force_variant: expected fwd= and/or bwd= 'fa2' or 'tma', got {bad}")
+        self.kinds = kinds
+
+    def __enter__(self):
+        self.saved = dict(_FORCED)
+        _FORCED.update(self.kinds)
+        return self
+
+    def __exit__(self, *exc):
+        _FORCED.clear()
+        _FORCED.update(self.saved)
+
+
+def variant(kind, tensors, e, ev, masked, causal, dropout, arch, varlen=False):
+    """The kernels ("tma" or "fa2") that run `kind` ("fwd", "bwd") for these tensors (q, k, v
+    and out or grad_out) with head dims e, ev, a mask or not, causal or not, dropout or not,
+    packed sequences or not, on compute capability `arch`."""
+    from . import attention_sm90 as sm90
+
+    name = _FORCED.get(kind) or _VARIANTS[90 if arch >= 90 else 80][kind]
+    if name == "tma" and not (sm90.supports(kind, tensors[0].dtype, e, ev, masked, causal,
+                                            dropout, varlen) and sm90.tma_ready(*tensors)):
+        name = "fa2"
+    return name
+
+
 def _arch(device):
     """Compute capability as an int (90 for 9.0); CPU tensors (the interpreter) use 90."""
     if device.type == "cuda":
@@ -898,6 +946,44 @@ def _dq_call(q, k, v, do, lse, delta, mask, rng, dq, shape, qs, ks, vs, dos, ms,
     return grid, args, meta
 
 
+def _tma_fwd_call(q, k, v, mask, rng, out, lse, shape, ms, dtype, scale, thresh, rscale,
+                  mask_kind, causal, dropout, vl=None):
+    """(grid, args, meta) of attention_sm90._attn_fwd_tma; q, k, v, out are tensors (their
+    TMA descriptors are built here)."""
+    from . import attention_sm90 as sm90
+
+    B, Hq, Hk, L, S, E, Ev = shape
+    cu_q, cu_k, tq, varlen = _vl_args(vl, q)
+    mt = sm90.meta("fwd", E, Ev, L, S, mask_kind, causal, dropout, _dot_mode(dtype), varlen,
+                   _fit)
+    tiles = triton.cdiv(L, mt["BLOCK_M"]) * B * Hq
+    grid = (sm90._programs(q.device, tiles, 1) if sm90.PERSISTENT_FWD else tiles,)
+    args = (*sm90.fwd_descs(q, k, v, out, mt, varlen), mask, rng, cu_q, cu_k, out, lse, *ms, B,
+            Hq, Hq // Hk, L, S, tq, scale * LOG2E, thresh, rscale)
+    return grid, args, mt
+
+
+def _tma_bwd(grad_out, q, k, v, lse, delta, mask, rng, dq, dk, dv, shape, ms, dtype, scale,
+             thresh, rscale, mask_kind, causal, dropout, vl=None):
+    """Launch attention_sm90._attn_bwd_tma: dk, dv and dq in one pass."""
+    from . import attention_sm90 as sm90
+
+    B, Hq, Hk, L, S, E, Ev = shape
+    cu_q, cu_k, tq, varlen = _vl_args(vl, q)
+    mt = sm90.meta("bwd", E, Ev, L, S, mask_kind, causal, dropout, _dot_mode(dtype), varlen,
+                   _fit)
+    tiles = triton.cdiv(S, mt["BLOCK_N"]) * B * Hk
+    # [0]: the ticket counter; then one semaphore per (b, h, query tile).
+    counter = torch.zeros(1 + B * Hq * triton.cdiv(L, mt["BLOCK_M"]), dtype=torch.int32,
+                          device=q.device)
+    dq_acc = torch.empty(dq.shape, dtype=torch.float32, device=q.device)
+    grid = (sm90._programs(q.device, tiles, sm90.BWD_PROGRAMS_PER_SM),)
+    args = (*sm90.bwd_descs(q, k, v, grad_out, mt, varlen), lse, delta, mask, rng, cu_q, cu_k,
+            dk, dv, dq, dq_acc, counter, *ms, B, Hq, Hk, Hq // Hk, L, S, tq, scale * LOG2E,
+            scale, thresh, rscale)
+    wrap_triton(sm90._attn_bwd_tma)[grid](*args, **mt)
+
+
 def _shape(q, k, v):
     B, Hq, L, E = q.shape
     return B, Hq, k.shape[1], L, k.shape[2], E, v.shape[3]
@@ -918,9 +1004,19 @@ def forward(q, k, v, mask, rng, dropout_p, is_causal, scale):
         return out, lse
     mask_ptr, ms = _mask_arg(mask, q)
     rng_ptr, thresh, rscale, dropout = _dropout_args(rng, dropout_p, q)
+    arch = _arch(q.device)
+    if variant("fwd", (q, k, v, out), shape[5], Ev, mask is not None, is_causal, dropout,
+               arch) == "tma":
+        from . import attention_sm90 as sm90
+
+        grid, args, meta = _tma_fwd_call(q, k, v, mask_ptr, rng_ptr, out, lse, shape, ms,
+                                         q.dtype, scale, thresh, rscale, _mask_kind(mask),
+                                         bool(is_causal), dropout)
+        wrap_triton(sm90._attn_fwd_tma)[grid](*args, **meta)
+        return out, lse
     grid, args, meta = _fwd_call(q, k, v, mask_ptr, rng_ptr, out, lse, shape, _st(q), _st(k),
                                  _st(v), ms, q.dtype, scale, thresh, rscale, _mask_kind(mask),
-                                 bool(is_causal), dropout, _arch(q.device))
+                                 bool(is_causal), dropout, arch)
     wrap_triton(_attn_fwd)[grid](*args, **meta)
     return out, lse
 
@@ -947,6 +1043,11 @@ def backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     grid, args, meta = _pre_call(out, grad_out, delta, shape, _st(grad_out))
     wrap_triton(_attn_bwd_pre)[grid](*args, **meta)
+    if variant("bwd", (q, k, v, grad_out), E, Ev, mask is not None, is_causal, dropout,
+               flags[-1]) == "tma":
+        _tma_bwd(grad_out, q, k, v, lse, delta, mask_ptr, rng_ptr, dq, dk, dv, shape, ms,
+                 *flags[:-1])
+        return dq, dk, dv
     if S > 0:
         grid, args, meta = _dkdv_call(q, k, v, grad_out, lse, delta, mask_ptr, rng_ptr, dk, dv,
                                       shape, *strides, *flags)
@@ -983,10 +1084,19 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     shape = (n, Hq, Hk, max_seqlen_q, max_seqlen_k, E, Ev)
     rng_ptr, thresh, rscale, dropout = _dropout_args(rng, dropout_p, q)
     vl = (_cu(cu_seqlens_q), _cu(cu_seqlens_k), tq)
+    arch = _arch(q.device)
+    if variant("fwd", (q, k, v, out), E, Ev, False, is_causal, dropout, arch, True) == "tma":
+        from . import attention_sm90 as sm90
+
+        grid, args, meta = _tma_fwd_call(q, k, v, q, rng_ptr, out, lse, shape, (0, 0, 0, 0),
+                                         q.dtype, scale, thresh, rscale, _MASK_NONE,
+                                         bool(is_causal), dropout, vl)
+        wrap_triton(sm90._attn_fwd_tma)[grid](*args, **meta)
+        return out, lse
     grid, args, meta = _fwd_call(q, k, v, q, rng_ptr, out, lse, shape, _vl_strides(q),
                                  _vl_strides(k), _vl_strides(v), (0, 0, 0, 0), q.dtype, scale,
-                                 thresh, rscale, _MASK_NONE, bool(is_causal), dropout,
-                                 _arch(q.device), vl)
+                                 thresh, rscale, _MASK_NONE, bool(is_causal), dropout, arch,
+                                 vl)
     wrap_triton(_attn_fwd)[grid](*args, **meta)
     return out, lse
 
@@ -1018,6 +1128,12 @@ def varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     grid, args, meta = _pre_call(out, grad_out, delta, (1, Hq, Hk, tq, tk, E, Ev),
                                  _vl_strides(grad_out), varlen=True)
     wrap_triton(_attn_bwd_pre)[grid](*args, **meta)
+    if variant("bwd", (q, k, v, grad_out), E, Ev, False, is_causal, dropout, flags[-1],
+               True) == "tma":
+        dq.zero_()  # the rows of a sequence without keys get no dS K from any key block
+        _tma_bwd(grad_out, q, k, v, lse, delta, q, rng_ptr, dq, dk, dv, shape, (0, 0, 0, 0),
+                 *flags[:-1], vl)
+        return dq, dk, dv
     if tk > 0:
         grid, args, meta = _dkdv_call(q, k, v, grad_out, lse, delta, q, rng_ptr, dk, dv, shape,
                                       *strides, *flags, vl)

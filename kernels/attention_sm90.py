@@ -1,0 +1,656 @@
+"""Attention for Hopper (sm_90) in Triton: TMA tiles, 128-key tiles, a fused 5-matmul backward.
+
+Shipped as fastlm.kernels.attention_sm90; kernels/attention.py chooses between these kernels
+and its FlashAttention-2 ones with one table per arch (`_VARIANTS` there). Same contract
+(docs/attention.md), same arguments, same dropout bits; only 16-bit inputs whose q, k, v (and
+grad_out) are TMA-addressable (16-byte aligned base and strides) come here.
+
+  _attn_fwd_tma  Q, K, V tiles arrive by TMA (host tensor descriptors: 4-D (B, H, len, dim)
+                 boxes [1, 1, rows, dim] for dense inputs, 3-D (total, H, dim) boxes
+                 [rows, 1, dim] for packed sequences); the out tile leaves by TMA (dense).
+                 TMA zero-fills what lies outside the tensor, so the ragged key tail and the
+                 head-dim padding need no masked loads. Programs loop over query tiles (a
+                 persistent grid of one program per SM when the table says so, else one tile
+                 per program); causal tiles are numbered longest first. 128 x 128 tiles at head
+                 dim <= 128 (wgmma 64xNx16 with N = 128, two warpgroups of 64 rows each).
+  _attn_bwd_tma  One pass computes dK, dV and dQ (5 matmuls: S^T = K Q^T, dP^T = V dO^T,
+                 dV += P^T dO, dK += dS^T Q, dQ_part = dS K). A tile is 128 keys (two
+                 warpgroups of 64 key rows: no warpgroup repeats another's work) against
+                 64-query steps, so every wgmma has N >= 64. dQ partial sums meet in a float32
+                 buffer in a fixed order, handed from key block to key block by a semaphore
+                 per query tile (see "Deterministic dQ" below): the backward stays bitwise
+                 deterministic without floating atomics.
+
+Deterministic dQ, and why it cannot deadlock
+--------------------------------------------
+Query tile j of head (b, h) receives dS K from every key block n <= last(j) (all key blocks
+without causal; with causal the key blocks that reach row j's tile: n * BLOCK_N < (j + 1) *
+BLOCK_M). They add in DESCENDING n: key block last(j) stores its part, each next one waits
+until the semaphore of (b, h, j) counts its rank (last(j) - n arrivals), loads the sum, adds,
+stores and arrives; key block 0 (always a contributor) adds last and writes dq itself (scaled,
+in q's dtype). Descending order suits causal: key block n starts at its diagonal, where it is
+the first contributor, and key block n + 1 passed every later query tile before n gets there.
+
+Tiles are not tied to program ids. Every program takes tile numbers from a ticket counter
+(an atomic add on a zeroed int32, fresh per launch) and keeps taking until none are left;
+tickets count key blocks from the last one down, all heads of one key block together. So a
+tile waits only on tiles with LOWER tickets (key block n + 1 of the same head), and every
+ticket has been taken by a program that is running (a CTA that is running stays resident
+until it exits). Induction on tickets: the unfinished tile with the lowest ticket waits on
+nothing unfinished, so it completes; hence all do, whatever the grid size, the number of CTAs
+that fit on the GPU, or the order in which the hardware starts them. Under Triton's
+interpreter programs run one after another: program 0 takes every ticket in order and never
+waits. A skipped tile never owes an arrival: a key block past its sequence's end is no query
+tile's contributor (last(j) is computed from the sequence's own key length).
+
+Memory order of the hand-off: the program's threads store their rows of the partial sum, a
+CTA barrier (tl.debug_barrier) orders them before one thread's release add on the semaphore
+(GPU scope); the next contributor's acquire load (GPU scope) is followed by a CTA barrier
+before its threads load the sum, with .cg loads (L2, not the SM's L1, which is not coherent).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import _dot, _philox_keep, _philox_key, _scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers.
+@triton.jit
+def _tile(desc, b, h, row, ROWS: tl.constexpr, COLS: tl.constexpr, VARLEN: tl.constexpr):
+    # A [ROWS, COLS] tile by TMA from row `row` of head h: dense (B, H, len, dim) descriptors
+    # take (b, h, row, 0); packed (total, H, dim) ones take the packed row (b unused).
+    if VARLEN:
+        t = desc.load([row, h, 0])
+    else:
+        t = desc.load([b, h, row, 0])
+    return t.reshape(ROWS, COLS)
+
+
+@triton.jit
+def _seq_rows(CuQ, CuK, b, L, S, VARLEN: tl.constexpr):
+    # (q0, k0, L, S): sequence b's first query and key rows (packed) and lengths; dense: 0, 0
+    # and the launch's lengths.
+    if VARLEN:
+        q0 = tl.load(CuQ + b)
+        k0 = tl.load(CuK + b)
+        return q0, k0, tl.load(CuQ + b + 1) - q0, tl.load(CuK + b + 1) - k0
+    else:
+        return 0, 0, L, S
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
+@triton.jit
+def _fwd_blocks_tma(
+    acc, l_i, m_i,  # running output, row sum, row max (base 2)
+    q,  # [BLOCK_M, BLOCK_E] query tile
+    DescK, DescV, b, hk, k0,  # key/value descriptors, batch, kv head, first packed key row
+    Mask_m, stride_mm, stride_mn, key, bh,
+    offs_m, L, S, qk_scale, drop_thresh,
+    lo, hi,  # keys [lo, hi), lo a multiple of BLOCK_N
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr, VARLEN: tl.constexpr,
+):
+    rows = tl.arange(0, BLOCK_N)
+    for n0 in tl.range(lo, hi, BLOCK_N):
+        offs_n = n0 + rows
+        k = _tile(DescK, b, hk, k0 + n0, BLOCK_N, BLOCK_E, VARLEN)
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        s = _scores(s, Mask_m + tl.cast(n0, tl.int64) * stride_mn, stride_mm, stride_mn, offs_m,
+                    offs_n, L, S, qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
+        v = _tile(DescV, b, hk, k0 + n0, BLOCK_N, BLOCK_EV, VARLEN)
+        if VARLEN and BOUNDS:  # rows past the sequence are the next sequence's (TMA fills
+            v = tl.where((offs_n < S)[:, None], v, 0.0)  # only past the tensor): p = 0 there
+        acc = _dot(p.to(v.dtype), v, acc, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_tile(
+    t,  # tile number: causal tiles are numbered longest first
+    DescQ, DescK, DescV, DescO, Mask, Rng, CuQ, CuK, Out, Lse,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, group, L, S, Tq, qk_scale, drop_thresh, drop_scale,
+    HEAD_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, MASK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
+):
+    num_m = tl.cdiv(L, BLOCK_M)
+    bh = t // num_m
+    pid_m = t % num_m
+    if IS_CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    m0 = pid_m * BLOCK_M
+    q0, k0, L, S = _seq_rows(CuQ, CuK, b, L, S, VARLEN)
+    if m0 < L:  # varlen: a tile past a shorter sequence's end has nothing to do
+        key = (0, 0, 0)
+        if DROPOUT:
+            key = _philox_key(Rng)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q = _tile(DescQ, b, h, q0 + m0, BLOCK_M, BLOCK_E, VARLEN)
+        Mask_m = Mask
+        if MASK != 0:
+            Mask_m = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                      + tl.cast(m0, tl.int64) * stride_mm)
+        acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        # Key blocks that need no causal or bounds select, then the ones that do.
+        full_hi = (S // BLOCK_N) * BLOCK_N
+        hi = S
+        if IS_CAUSAL:
+            full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+            hi = tl.minimum(S, m0 + BLOCK_M)
+        acc, l_i, m_i = _fwd_blocks_tma(
+            acc, l_i, m_i, q, DescK, DescV, b, hk, k0, Mask_m, stride_mm, stride_mn, key, bh,
+            offs_m, L, S, qk_scale, drop_thresh, 0, full_hi, BLOCK_M, BLOCK_N, BLOCK_E,
+            BLOCK_EV, MASK, False, False, DROPOUT, IEEE, VARLEN)
+        acc, l_i, m_i = _fwd_blocks_tma(
+            acc, l_i, m_i, q, DescK, DescV, b, hk, k0, Mask_m, stride_mm, stride_mn, key, bh,
+            offs_m, L, S, qk_scale, drop_thresh, full_hi, hi, BLOCK_M, BLOCK_N, BLOCK_E,
+            BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE, VARLEN)
+
+        # out = acc / l (times the keep scale); lse = ln 2 * (m + log2 l); empty rows: 0, +inf.
+        empty = l_i == 0.0
+        inv = 1.0 / tl.where(empty, 1.0, l_i)
+        if DROPOUT:
+            inv = inv * drop_scale
+        out = (acc * inv[:, None]).to(Out.dtype.element_ty)
+        lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+        lse = tl.where(empty, float("inf"), lse)
+        row_ok = offs_m < L
+        if VARLEN:  # rows past the sequence belong to the next one: a masked store
+            offs_ev = tl.arange(0, BLOCK_EV)
+            rows = (q0 + offs_m).to(tl.int64)
+            tl.store(Out + (rows * Hq + h)[:, None] * HEAD_EV + offs_ev[None, :], out,
+                     mask=row_ok[:, None] & (offs_ev < HEAD_EV)[None, :])
+            tl.store(Lse + h.to(tl.int64) * Tq + rows, lse, mask=row_ok)
+        else:  # TMA clips the rows past L and the padded head dims
+            DescO.store([b, h, m0, 0], out.reshape(1, 1, BLOCK_M, BLOCK_EV))
+            tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["B", "Hq", "group", "L", "S", "Tq", "drop_thresh"])
+def _attn_fwd_tma(
+    DescQ,  # q (B, Hq, L, E) [dense] or (total_q, Hq, E) [varlen]: TMA descriptor
+    DescK,  # k (B, Hk, S, E) or (total_k, Hk, E)
+    DescV,  # v (B, Hk, S, Ev) or (total_k, Hk, Ev)
+    DescO,  # out (B, Hq, L, Ev) contiguous [dense]; unused with VARLEN (q's descriptor)
+    Mask,  # (B, Hq, L, S) bool (as bytes) or float view, any strides; unused unless MASK
+    Rng,  # int64 (seed, offset); unused unless DROPOUT
+    CuQ, CuK,  # varlen: int32 (B + 1) query and key row offsets; unused unless VARLEN
+    Out,  # varlen: (total_q, Hq, Ev) contiguous, q's dtype; dense: unused (DescO)
+    Lse,  # (B, Hq, L) contiguous float32, natural log (varlen: (Hq, total_q))
+    stride_mb, stride_mh, stride_mm, stride_mn,  # mask strides (0 for broadcast dims)
+    B,  # batch (varlen: sequences)
+    Hq,  # query heads
+    group,  # Hq // Hk
+    L, S,  # query and key lengths (varlen: the longest sequence's)
+    Tq,  # varlen: total_q, lse's row stride per head; unused unless VARLEN
+    qk_scale,  # scale * log2(e)
+    drop_thresh,  # dropout_threshold(dropout_p)
+    drop_scale,  # dropout_scale(dropout_p), float32
+    HEAD_EV: tl.constexpr,  # Ev
+    BLOCK_M: tl.constexpr,  # query rows per tile
+    BLOCK_N: tl.constexpr,  # keys per step
+    BLOCK_E: tl.constexpr,  # E padded to a power of two >= 16 (the descriptors' box)
+    BLOCK_EV: tl.constexpr,  # Ev padded likewise
+    MASK: tl.constexpr,  # _MASK_NONE / _MASK_BOOL / _MASK_FLOAT
+    IS_CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,  # 2: the interpreter's bfloat16 (see kernels/attention.py _dot)
+    VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
+):
+    # Tiles t = pid, pid + programs, ...: one per program, or a persistent grid of one
+    # program per SM (the table's choice); causal tiles are numbered longest first.
+    tiles = tl.cdiv(L, BLOCK_M) * B * Hq
+    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        _fwd_tile(t, DescQ, DescK, DescV, DescO, Mask, Rng, CuQ, CuK, Out, Lse, stride_mb,
+                  stride_mh, stride_mm, stride_mn, Hq, group, L, S, Tq, qk_scale, drop_thresh,
+                  drop_scale, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, IS_CAUSAL,
+                  DROPOUT, IEEE, VARLEN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dK, dV and dQ in one pass.
+#
+# With p_ij = exp2(s2_ij - lse_i * log2(e)) recomputed from the saved lse, z the keep bit,
+# r the keep scale and D_i = rowsum(dO * O) (kernels/attention.py _attn_bwd_pre):
+#   S^T  = K Q^T                       [BLOCK_N, BLOCK_M]   matmul 1
+#   dP^T = (V dO^T) z r                [BLOCK_N, BLOCK_M]   matmul 2
+#   dV  += (p z r)^T dO                [BLOCK_N, Ev]        matmul 3
+#   dS^T = p^T (dP^T - D)
+#   dK  += dS^T Q                      [BLOCK_N, E]         matmul 4 (scale applied at the end)
+#   dQ_j += dS K  (= (dS^T)^T K)       [BLOCK_M, E]         matmul 5, added in key-block order
+@triton.jit
+def _wait_count(Sem, target, INTERP: tl.constexpr):
+    # Spin until *Sem == target, every thread with a GPU-scope acquire load. The loop is PTX
+    # so that the query loop around it stays one basic block that Triton's pipeliner accepts
+    # (an scf.while or a CTA barrier in the body stops the TMA prefetch of the next tiles).
+    # The interpreter runs programs in order: the count is there at the first look.
+    if INTERP:
+        seen = tl.atomic_add(Sem, 0, sem="acquire", scope="gpu")
+        tl.device_assert(seen == target, "dQ hand-off out of order")
+        return seen
+    else:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            WAIT:
+            ld.acquire.gpu.global.b32 $0, [$1];
+            setp.ne.s32 p, $0, $2;
+            @p bra WAIT;
+            }""", "=r,l,r", [Sem, target], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _arrive(Sem, NT: tl.constexpr, INTERP: tl.constexpr):
+    # Count this program's hand-off: every one of its NT threads adds 1 with a GPU-scope
+    # release, which orders that thread's own stores before it; so the count reaches NT only
+    # after every thread's stores (no CTA barrier needed, which would stop the pipeliner).
+    if INTERP:
+        tl.atomic_add(Sem, NT, sem="release", scope="gpu")
+    else:
+        tl.inline_asm_elementwise("red.release.gpu.global.add.s32 [$1], 1;\n mov.b32 $0, 0;",
+                                  "=r,l", [Sem], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _dq_add(
+    dq_part,  # [BLOCK_M, BLOCK_E] float32: this key block's dS K for the query tile
+    DQacc, DQ, Sem,  # float32 partial sums, the result (q's dtype), this tile's semaphore
+    dq_rows,  # [BLOCK_M] int64 rows of dq / DQacc
+    row_ok,  # [BLOCK_M] rows < L
+    rank,  # contributors before this key block (last(j) - n)
+    n,  # this key block (0 adds last and writes dq)
+    scale,
+    HEAD_E: tl.constexpr, BLOCK_E: tl.constexpr,
+    NT: tl.constexpr,  # threads per program (32 * num_warps): arrivals per contributor
+    INTERP: tl.constexpr,
+):
+    # Wait for the rank earlier contributors (their NT arrivals each), add their sum (.cg: from
+    # L2, not this SM's L1), then store: key block 0 writes dq, the others the partial sum,
+    # and arrive. Branch-free (masks, not ifs) for the pipeliner; the load's mask depends on
+    # the count read, so nothing can hoist it above the wait.
+    offs_e = tl.arange(0, BLOCK_E)
+    ptr = dq_rows[:, None] * HEAD_E + offs_e[None, :]
+    msk = row_ok[:, None] & (offs_e < HEAD_E)[None, :]
+    seen = _wait_count(Sem, rank * NT, INTERP)
+    acc = dq_part + tl.load(DQacc + ptr, mask=msk & (rank > 0) & (seen == rank * NT),
+                            other=0.0, cache_modifier=".cg")
+    tl.store(DQ + ptr, (acc * scale).to(DQ.dtype.element_ty), mask=msk & (n == 0))
+    tl.store(DQacc + ptr, acc, mask=msk & (n != 0), cache_modifier=".cg")
+    _arrive(Sem, NT, INTERP)
+
+
+@triton.jit
+def _bwd_blocks_tma(
+    dk, dv,  # [BLOCK_N, BLOCK_E], [BLOCK_N, BLOCK_EV] float32 accumulators
+    k, v,  # this tile's key and value tiles
+    DescQ, DescDO, b, h, q0,  # query-side descriptors, batch, query head, first packed row
+    Lse_h, Delta_h,  # the head's lse and D at its first row
+    DQacc, DQ, Sem_h,  # dq partial sums and result, the head's semaphores
+    dq_row0,  # int64: dq row of the head's first query row (dense: bh * L; varlen: q0)
+    dq_row_step,  # dq rows per query row (dense: 1; varlen: Hq)
+    Mask_n, stride_mm, stride_mn, key, bh,
+    n, n0, offs_n, num_n,  # key block, its first key, its keys, key blocks of the sequence
+    L, S, qk_scale, scale, drop_thresh, drop_scale,
+    lo, hi,  # query rows [lo, hi), lo a multiple of BLOCK_M
+    HEAD_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr, NT: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    rows = tl.arange(0, BLOCK_M)
+    for m0 in tl.range(lo, hi, BLOCK_M):
+        offs_m = m0 + rows
+        row_ok = offs_m < L
+        q = _tile(DescQ, b, h, q0 + m0, BLOCK_M, BLOCK_E, VARLEN)
+        do = _tile(DescDO, b, h, q0 + m0, BLOCK_M, BLOCK_EV, VARLEN)
+        lse2 = tl.load(Lse_h + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        Di = tl.load(Delta_h + offs_m, mask=row_ok, other=0.0)
+        # S = Q K^T in base 2 (queries along rows: lse and D are per-row, 2 registers per
+        # thread, where S^T would hold 16 columns of each), then the mask; rows past L have
+        # lse = +inf: p = 0.
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        if VARLEN:  # keys past the sequence (the next one's rows) must not reach dQ
+            s = _scores(s, Mask_n + tl.cast(m0, tl.int64) * stride_mm, stride_mm, stride_mn,
+                        offs_m, offs_n, L, S, qk_scale, MASK, CAUSAL, True, BLOCK_M, BLOCK_N)
+        else:  # dense keys past S are TMA's zeros: k = v = 0 adds nothing to dQ, dK, dV
+            s = _scores(s, Mask_n + tl.cast(m0, tl.int64) * stride_mm, stride_mm, stride_mn,
+                        offs_m, offs_n, L, S, qk_scale, MASK, CAUSAL, False, BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        if DROPOUT:
+            keep = _philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M, BLOCK_N)
+            pd = tl.where(keep, p * drop_scale, 0.0)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        else:
+            pd = p
+        dv = _dot(tl.trans(pd.to(do.dtype)), do, dv, IEEE)
+        ds = (p * (dp - Di[:, None])).to(q.dtype)
+        dk = _dot(tl.trans(ds), q, dk, IEEE)
+        dq_part = _dot(ds, k, tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32), IEEE)
+        # This query tile's contributors are key blocks 0 .. last; they add from last down.
+        last = num_n - 1
+        if IS_CAUSAL:
+            last = tl.minimum(last, (m0 + BLOCK_M - 1) // BLOCK_N)
+        _dq_add(dq_part, DQacc, DQ, Sem_h + m0 // BLOCK_M,
+                dq_row0 + offs_m.to(tl.int64) * dq_row_step, row_ok, last - n, n, scale,
+                HEAD_E, BLOCK_E, NT, INTERP)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_tile(
+    t,  # ticket: key blocks from the last down, the heads of one key block together
+    DescQ, DescK, DescV, DescDO, Lse, Delta, Mask, Rng, CuQ, CuK, DK, DV, DQ, DQacc, Sem,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    B, Hq, Hk, group, L, S, Tq, qk_scale, scale, drop_thresh, drop_scale,
+    HEAD_E: tl.constexpr, HEAD_EV: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, MASK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
+    NT: tl.constexpr, INTERP: tl.constexpr,
+):
+    num_m = tl.cdiv(L, BLOCK_M)  # the launch's query tiles per head (semaphore stride)
+    n = tl.cdiv(S, BLOCK_N) - 1 - t // (B * Hk)
+    bhk = t % (B * Hk)
+    b = bhk // Hk
+    hk = bhk % Hk
+    n0 = n * BLOCK_N
+    q0, k0, L, S = _seq_rows(CuQ, CuK, b, L, S, VARLEN)
+    if n0 < S:  # varlen: a key block past a shorter sequence's end has nothing to do
+        key = (0, 0, 0)
+        if DROPOUT:
+            key = _philox_key(Rng)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        num_n = tl.cdiv(S, BLOCK_N)
+        k = _tile(DescK, b, hk, k0 + n0, BLOCK_N, BLOCK_E, VARLEN)
+        v = _tile(DescV, b, hk, k0 + n0, BLOCK_N, BLOCK_EV, VARLEN)
+        dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
+        # Causal: query tiles before the key block's see none of its keys; the diagonal tiles
+        # [lo, mid) need the select, the rest do not.
+        lo = 0
+        mid = 0
+        if IS_CAUSAL:
+            lo = (n0 // BLOCK_M) * BLOCK_M
+            mid = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M), tl.cdiv(L, BLOCK_M)) * BLOCK_M
+            mid = tl.maximum(mid, lo)
+        for g in range(group):
+            h = hk * group + g
+            bh = b * Hq + h
+            if VARLEN:
+                Lse_h = Lse + h.to(tl.int64) * Tq + q0
+                Delta_h = Delta + h.to(tl.int64) * Tq + q0
+                dq_row0 = q0.to(tl.int64) * Hq + h
+                dq_step = Hq
+            else:
+                Lse_h = Lse + bh.to(tl.int64) * L
+                Delta_h = Delta + bh.to(tl.int64) * L
+                dq_row0 = bh.to(tl.int64) * L
+                dq_step = 1
+            Sem_h = Sem + bh.to(tl.int64) * num_m
+            Mask_n = Mask
+            if MASK != 0:
+                Mask_n = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                          + tl.cast(n0, tl.int64) * stride_mn)
+            if IS_CAUSAL:
+                dk, dv = _bwd_blocks_tma(
+                    dk, dv, k, v, DescQ, DescDO, b, h, q0, Lse_h, Delta_h, DQacc, DQ, Sem_h,
+                    dq_row0, dq_step, Mask_n, stride_mm, stride_mn, key, bh, n, n0, offs_n,
+                    num_n, L, S, qk_scale, scale, drop_thresh, drop_scale, lo, mid, HEAD_E,
+                    BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, True, IS_CAUSAL, DROPOUT, IEEE,
+                    VARLEN, NT, INTERP)
+            dk, dv = _bwd_blocks_tma(
+                dk, dv, k, v, DescQ, DescDO, b, h, q0, Lse_h, Delta_h, DQacc, DQ, Sem_h,
+                dq_row0, dq_step, Mask_n, stride_mm, stride_mn, key, bh, n, n0, offs_n, num_n,
+                L, S, qk_scale, scale, drop_thresh, drop_scale, mid, L, HEAD_E, BLOCK_M,
+                BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False, IS_CAUSAL, DROPOUT, IEEE, VARLEN, NT,
+                INTERP)
+        dk = dk * scale
+        offs_e = tl.arange(0, BLOCK_E)
+        offs_ev = tl.arange(0, BLOCK_EV)
+        n_ok = offs_n < S
+        if VARLEN:
+            rows = (k0 + offs_n).to(tl.int64) * Hk + hk
+        else:
+            rows = bhk.to(tl.int64) * S + offs_n
+        tl.store(DK + rows[:, None] * HEAD_E + offs_e[None, :], dk.to(DK.dtype.element_ty),
+                 mask=n_ok[:, None] & (offs_e < HEAD_E)[None, :])
+        tl.store(DV + rows[:, None] * HEAD_EV + offs_ev[None, :], dv.to(DV.dtype.element_ty),
+                 mask=n_ok[:, None] & (offs_ev < HEAD_EV)[None, :])
+
+
+@triton.jit(do_not_specialize=["B", "Hq", "Hk", "group", "L", "S", "Tq", "drop_thresh"])
+def _attn_bwd_tma(
+    DescQ,  # q (B, Hq, L, E) or (total_q, Hq, E): TMA descriptor, box [1, 1, BLOCK_M, *]
+    DescK,  # k (B, Hk, S, E) or (total_k, Hk, E): box [1, 1, BLOCK_N, *]
+    DescV,  # v (B, Hk, S, Ev) or (total_k, Hk, Ev)
+    DescDO,  # grad_out, q's layout with Ev
+    Lse,  # (B, Hq, L) float32 from the forward (varlen: (Hq, total_q))
+    Delta,  # (B, Hq, L) float32 D = rowsum(dO * O) (varlen: (Hq, total_q))
+    Mask,  # (B, Hq, L, S) view; unused unless MASK
+    Rng,  # int64 (seed, offset); unused unless DROPOUT
+    CuQ, CuK,  # varlen: int32 (B + 1) offsets; unused unless VARLEN
+    DK,  # (B, Hk, S, E) contiguous, k's dtype (varlen: (total_k, Hk, E))
+    DV,  # (B, Hk, S, Ev) contiguous, v's dtype (varlen: (total_k, Hk, Ev))
+    DQ,  # (B, Hq, L, E) contiguous, q's dtype (varlen: (total_q, Hq, E))
+    DQacc,  # float32, DQ's shape: partial sums (need no initial value)
+    Counter,  # int32 zeros: [0] the ticket counter, [1:] a semaphore per (b, h, query tile)
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    B, Hq, Hk, group, L, S, Tq,
+    qk_scale,  # scale * log2(e)
+    scale,  # the softmax scale
+    drop_thresh, drop_scale,
+    HEAD_E: tl.constexpr, HEAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per step
+    BLOCK_N: tl.constexpr,  # keys per tile
+    BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
+    NT: tl.constexpr,  # threads per program, 32 * num_warps (arrivals per dQ hand-off)
+    INTERP: tl.constexpr,  # Triton's interpreter: atomics instead of PTX for the hand-off
+):
+    # Every program takes tickets until none are left (see the module docstring: why the
+    # ordered dQ hand-off cannot deadlock); the grid size only sets how many run at once.
+    tiles = tl.cdiv(S, BLOCK_N) * B * Hk
+    t = tl.atomic_add(Counter, 1)
+    while t < tiles:
+        _bwd_tile(t, DescQ, DescK, DescV, DescDO, Lse, Delta, Mask, Rng, CuQ, CuK, DK, DV, DQ,
+                  DQacc, Counter + 1, stride_mb, stride_mh, stride_mm, stride_mn, B, Hq, Hk,
+                  group, L, S, Tq, qk_scale, scale, drop_thresh, drop_scale, HEAD_E, HEAD_EV,
+                  BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, IS_CAUSAL, DROPOUT, IEEE, VARLEN,
+                  NT, INTERP)
+        t = tl.atomic_add(Counter, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration and launchers (kernels/attention.py decides when these run).
+#
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, padded head dim and (causal, dropout):
+# the table of what these kernels cover. Only variants that compile without register spills
+# for sm_90a (ptxas of triton 3.6 and 3.8) are listed; kernels/attention.py runs its
+# FlashAttention-2 kernels for everything else (masks, head dims above 128, float32, and the
+# backward variants missing here). The forward splits BLOCK_M = 128 query rows between two
+# warpgroups (64 rows each): wgmma 64x128x16 for S = Q K^T with 128-key tiles, 64xEvx16 for
+# P V; with dropout at head dim 128 the 128-key tile spills, so 64 keys. The fused backward
+# holds dK and dV (64 keys x E, float32) and computes S, dP, dV, dK and dQ for 64 query rows
+# per step in one warpgroup (all wgmma 64x64x16 at head dim 64); every larger tile, the
+# causal and dropout variants and head dim 128 spill (64 .. 600 bytes, benchmarks/NOTES.md),
+# so the table leaves them to the three-kernel FlashAttention-2 backward.
+CONFIGS = {
+    "fwd": {
+        64: {(False, False): (128, 128, 8, 3), (True, False): (128, 128, 8, 3),
+             (False, True): (128, 128, 8, 3), (True, True): (128, 128, 8, 3)},
+        128: {(False, False): (128, 128, 8, 2), (True, False): (128, 128, 8, 2),
+              (False, True): (128, 64, 8, 2), (True, True): (128, 64, 8, 2)},
+    },
+    "bwd": {
+        64: {(False, False): (64, 64, 4, 1)},
+    },
+}
+# The kernels read masks (bool or float, any strides) as kernels/attention.py does, but the
+# mask tile and its addresses spill in every forward tile tried (56 .. 640 bytes): masks run on
+# the FlashAttention-2 kernels.
+MASKS = {"fwd": False, "bwd": False}
+# Packed sequences (varlen) keep their offsets and lengths in registers as well: the fused
+# backward spills 40 bytes there (triton 3.6 and 3.8), so only the forward takes them.
+VARLEN = {"fwd": True, "bwd": False}
+# Forward: a persistent grid (one program per SM looping over tiles) or one tile per program.
+PERSISTENT_FWD = False
+# Programs of the backward per SM (its tiles are handed out by tickets; see the docstring).
+BWD_PROGRAMS_PER_SM = 2
+
+
+def _d(e, ev):
+    return max(64, triton.next_power_of_2(max(e, ev)))
+
+
+def supports(kind, dtype, e, ev, masked, causal, dropout, varlen=False):
+    """Whether kernel `kind` ("fwd", "bwd") has a tile (CONFIGS) for these inputs."""
+    return (dtype in (torch.float16, torch.bfloat16)
+            and (MASKS[kind] or not masked) and (VARLEN[kind] or not varlen)
+            and (bool(causal), bool(dropout)) in CONFIGS[kind].get(_d(e, ev), {}))
+
+
+def tma_ready(*tensors):
+    """Whether TMA can address every tensor: not empty, 16-byte aligned base, unit last
+    stride, every other stride a positive multiple of 16 bytes (dims of size 1 excepted:
+    _tma_view fixes their strides)."""
+    for t in tensors:
+        es = t.element_size()
+        if t.numel() == 0 or t.data_ptr() % 16 or t.stride(-1) != 1:
+            return False
+        for size, st in zip(t.shape[:-1], t.stride()[:-1]):
+            if size != 1 and (st <= 0 or (st * es) % 16):
+                return False
+    return True
+
+
+def _tma_view(t):
+    """t, with the strides of its size-1 dims (never stepped along) made 16-byte multiples so
+    that TensorDescriptor.from_tensor accepts it."""
+    step = 16 // t.element_size()
+    st = [s if n != 1 or (s * t.element_size()) % 16 == 0 and s > 0 else step
+          for n, s in zip(t.shape, t.stride())]
+    return t if st == list(t.stride()) else t.as_strided(t.shape, st)
+
+
+def _desc(t, box):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(_tma_view(t), list(box))
+
+
+_SMS = {}
+
+
+def _programs(device, tiles, per_sm):
+    """Grid size of a persistent launch: per_sm programs per SM (CPU, the interpreter: 2, so
+    that a program finds the tiles taken and leaves)."""
+    if device.type != "cuda":
+        return max(1, min(tiles, 2))
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return max(1, min(tiles, _SMS[idx] * per_sm))
+
+
+def meta(kind, e, ev, m_len, n_len, mask_kind, causal, dropout, ieee, varlen, fit):
+    """Meta-parameters of one launch; m_len / n_len: rows along BLOCK_M / BLOCK_N; `fit`
+    shrinks a block to a short sequence (kernels/attention.py _fit)."""
+    bm, bn, warps, stages = CONFIGS[kind][_d(e, ev)][(bool(causal), bool(dropout))]
+    pad = lambda x: max(16, triton.next_power_of_2(x))  # noqa: E731
+    m = dict(HEAD_EV=ev, BLOCK_M=fit(bm, m_len), BLOCK_N=fit(bn, n_len), BLOCK_E=pad(e),
+             BLOCK_EV=pad(ev), MASK=mask_kind, IS_CAUSAL=causal, DROPOUT=dropout, IEEE=ieee,
+             VARLEN=varlen, num_warps=warps, num_stages=stages)
+    if kind == "bwd":
+        m.update(HEAD_E=e, NT=32 * warps, INTERP=interpreting())
+    return m
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fwd_descs(q, k, v, out, mt, varlen):
+    """(DescQ, DescK, DescV, DescO) of a forward launch with meta `mt`."""
+    bm, bn, be, bev = mt["BLOCK_M"], mt["BLOCK_N"], mt["BLOCK_E"], mt["BLOCK_EV"]
+    if varlen:
+        dq = _desc(q, (bm, 1, be))
+        return dq, _desc(k, (bn, 1, be)), _desc(v, (bn, 1, bev)), dq
+    return (_desc(q, (1, 1, bm, be)), _desc(k, (1, 1, bn, be)), _desc(v, (1, 1, bn, bev)),
+            _desc(out, (1, 1, bm, bev)))
+
+
+def bwd_descs(q, k, v, do, mt, varlen):
+    """(DescQ, DescK, DescV, DescDO) of a backward launch with meta `mt`."""
+    bm, bn, be, bev = mt["BLOCK_M"], mt["BLOCK_N"], mt["BLOCK_E"], mt["BLOCK_EV"]
+    if varlen:
+        return (_desc(q, (bm, 1, be)), _desc(k, (bn, 1, be)), _desc(v, (bn, 1, bev)),
+                _desc(do, (bm, 1, bev)))
+    return (_desc(q, (1, 1, bm, be)), _desc(k, (1, 1, bn, be)), _desc(v, (1, 1, bn, bev)),
+            _desc(do, (1, 1, bm, bev)))
+
+
+def aot_specs(dtypes, head_dims=(64, 128), dropouts=(False,), causals=(False, True),
+              varlen=False):
+    """(kernel, args, meta) of the TMA kernels for ahead-of-time compilation (`fastlm compile`,
+    the SASS checks): per dtype (16-bit), head dim (E = Ev), causal or not and dropout or not
+    where CONFIGS has the variant, dense (or packed, `varlen`) for L = S = 1024 (lengths are
+    not specialized). Tensors are given as dtypes; the descriptors are built on small CPU
+    tensors (only their boxes and dtype reach the compiled kernel)."""
+    from .attention import _fit
+
+    specs = []
+    for dt in dtypes:
+        if dt not in (torch.float16, torch.bfloat16):
+            continue
+        for d in head_dims:
+            x = torch.empty((16, 1, d) if varlen else (1, 1, 16, d), dtype=dt)
+            for dropout in dropouts:
+                for causal in causals:
+                    for kind in ("fwd", "bwd"):
+                        if supports(kind, dt, d, d, False, causal, dropout, varlen):
+                            mt = meta(kind, d, d, 1024, 1024, 0, causal, dropout, 0, varlen,
+                                      _fit)
+                            specs.append(_aot_spec(kind, x, mt, varlen, dt))
+    return specs
+
+
+def _aot_spec(kind, x, mt, varlen, dt):
+    """One (kernel, args, meta) of aot_specs: B = 4, Hq = Hk = 16 (lengths 1024, total 4096)."""
+    f32, i64, i32 = torch.float32, torch.int64, torch.int32
+    scale = 0.125
+    if kind == "fwd":
+        args = (*fwd_descs(x, x, x, x, mt, varlen), dt, i64, i32, i32, dt, f32, 0, 0, 0, 0, 4,
+                16, 1, 1024, 1024, 4096, scale * 1.4426950408889634, 0, 1.0)
+        return _attn_fwd_tma, args, mt
+    mt["INTERP"] = False
+    args = (*bwd_descs(x, x, x, x, mt, varlen), f32, f32, dt, i64, i32, i32, dt, dt, dt, f32,
+            i32, 0, 0, 0, 0, 4, 16, 16, 1, 1024, 1024, 4096, scale * 1.4426950408889634, scale,
+            0, 1.0)
+    return _attn_bwd_tma, args, mt
+
