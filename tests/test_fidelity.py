@@ -575,3 +575,44 @@ def test_attention_head_dim_one_with_stride_zero():
     out = fastlm.scaled_dot_product_attention(q, k, v)
     oracle = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert_close_2x(out, oracle, F.scaled_dot_product_attention(q, k, v), FLOOR[torch.float32])
+
+
+def test_attention_float_mask_dtypes_as_torch():
+    # Harness finding (sdpa): torch takes a float mask of float32 or the query's dtype only;
+    # fastlm took any floating dtype. Now the same rule, class and words.
+    q = torch.randn(1, 2, 4, 8)
+    for mdt in (torch.float16, torch.bfloat16, torch.float64):
+        m = torch.zeros(4, 4, dtype=mdt)
+        t_msg, f_msg = _torch_and_fastlm_raise(
+            lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=m),
+            lambda: fastlm.scaled_dot_product_attention(q, q, q, attn_mask=m))
+        assert "Expected attn_mask dtype to be bool or float or to match query dtype" in f_msg
+    qb = q.bfloat16()
+    for mdt in (torch.float32, torch.bfloat16):  # allowed, as torch
+        m = torch.randn(4, 4).to(mdt)
+        out = fastlm.scaled_dot_product_attention(qb, qb, qb, attn_mask=m)
+        oracle = F.scaled_dot_product_attention(*(qb.double(),) * 3, attn_mask=m.double())
+        assert_close_2x(out, oracle, F.scaled_dot_product_attention(qb, qb, qb, attn_mask=m),
+                        FLOOR[torch.bfloat16])
+
+
+def test_attention_head_dim_zero_as_torch():
+    # Harness finding (sdpa): E = 0 raised ZeroDivisionError (1/sqrt(E)); torch's scores are 0
+    # (uniform weights), the result the mean of the values.
+    q, k = torch.randn(1, 2, 4, 0), torch.randn(1, 2, 5, 0)
+    v = torch.randn(1, 2, 5, 6)
+    out = fastlm.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand(1, 2, 4, 6))
+
+
+def test_lower_right_causal_bias_argument_errors_as_torch():
+    # Harness finding (sdpa): torch validates the lower-right CausalBias path in Python and
+    # raises ValueError (plain sdpa: RuntimeError); fastlm raised a TypeError subclass there.
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 3, 8)
+    _torch_and_fastlm_raise(
+        lambda: F.scaled_dot_product_attention(q, k.half(), k, attn_mask=causal_lower_right(2, 3)),
+        lambda: fastlm.scaled_dot_product_attention(q, k.half(), k,
+                                                    attn_mask=causal_lower_right(2, 3)))

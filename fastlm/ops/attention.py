@@ -441,6 +441,12 @@ def _check_inputs(query, key, value, attn_mask, dropout_p):
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise _err(TypeError, f"attn_mask must be bool (True = attend) or floating "
                                   f"(added to the scores), got {attn_mask.dtype}")
+        if (attn_mask.is_floating_point() and attn_mask.dtype not in (torch.float32, query.dtype)
+                and not torch.is_autocast_enabled(query.device.type)):
+            # torch's rule and words (under autocast torch casts the mask with the inputs)
+            raise _err(TypeError, f"Expected attn_mask dtype to be bool or float or to match "
+                                  f"query dtype, got attn_mask {attn_mask.dtype} and query "
+                                  f"{query.dtype}")
         if attn_mask.device != query.device:
             raise _err(ValueError, f"attn_mask is on {attn_mask.device} but query is on "
                                    f"{query.device}")
@@ -504,6 +510,12 @@ def _new_rng(device):
     return torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, device=device)
 
 
+def _default_scale(E):
+    """1/sqrt(E); with E = 0 the scores are all 0 whatever the scale (torch: uniform
+    weights), so any finite one."""
+    return 1.0 / math.sqrt(E) if E > 0 else 1.0
+
+
 def _beyond_head_dim(who):
     """The backend for head dims the kernels do not take (over MAX_HEAD_DIM) when none is
     forced: the reference, as torch runs any head dim (said once)."""
@@ -520,7 +532,7 @@ def _is_causal_bias(attn_mask):
     return bias is not None and isinstance(attn_mask, bias.CausalBias)
 
 
-def _from_causal_bias(bias, is_causal, device):
+def _from_causal_bias(bias, is_causal, query, key, value):
     """(attn_mask, is_causal) for a CausalBias, by torch's rules (CausalBias._dispatch): the
     upper-left variant, or equal lengths, is is_causal=True (fastlm's causal is upper-left, as
     torch's); lower-right is its bool mask, True on and below the diagonal that ends in the
@@ -535,7 +547,23 @@ def _from_causal_bias(bias, is_causal, device):
     if bias.variant != CausalVariant.LOWER_RIGHT:
         raise _err(ValueError, f"CausalBias.variant must be a CausalVariant type, but found: "
                                f"{bias.variant}")
-    return torch.ones(L, S, dtype=torch.bool, device=device).tril(S - L), False
+    # torch validates this path in Python first, raising ValueError (its words)
+    ts = (query, key, value)
+    if all(isinstance(t, Tensor) for t in ts):
+        if key.dtype != query.dtype or value.dtype != query.dtype:
+            raise _err(ValueError, f"Expected query, key, and value to have the same dtype, but "
+                                   f"got query.dtype: {query.dtype}, key.dtype: {key.dtype}, and "
+                                   f"value.dtype: {value.dtype} instead.")
+        if key.device != query.device or value.device != query.device:
+            raise _err(ValueError, f"Expected query, key, and value to have the same device "
+                                   f"type, but got query.device: {query.device}, key.device: "
+                                   f"{key.device}, and value.device: {value.device} instead.")
+        if min(t.dim() for t in ts) < 2:
+            raise _err(ValueError, f"Expected query, key, and value to all be  at least 2 "
+                                   f"dimensional, but got query.dim: {query.dim()}, key.dim: "
+                                   f"{key.dim()} and value.dim: {value.dim()} instead.")
+    dev = getattr(query, "device", None)  # (a query that is no Tensor is rejected next)
+    return torch.ones(L, S, dtype=torch.bool, device=dev).tril(S - L), False
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -550,7 +578,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     CausalBias (causal_upper_left / causal_lower_right), as in torch.
     """
     if _is_causal_bias(attn_mask):
-        attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, query.device)
+        attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, query, key, value)
     _check_inputs(query, key, value, attn_mask, dropout_p)
     if attn_mask is not None and is_causal:
         # torch's words (users match on them); a RuntimeError, as torch's, and a ValueError
@@ -561,7 +589,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
     q, k, v, mask, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
     E, Ev = q.shape[-1], v.shape[-1]
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    scale = _default_scale(E) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     if mask is not None and mask.is_floating_point() and mask.dtype not in (torch.float32,
                                                                             q.dtype):
@@ -676,7 +704,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     # The kernels take any strides but a unit one on the head dim (as _canonical).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     E, Ev = q.shape[2], v.shape[2]
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    scale = _default_scale(E) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     name = backends.select(who, dev, q.dtype, KERNEL_DTYPES, has_kernel=_has_varlen_kernel)
     if name != "torch" and (E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM):
