@@ -144,7 +144,8 @@ def verdict(ok):
 def section_run(files, stages):
     out = ["## The run"]
     env = json.loads(files["env.json"]) if "env.json" in files else {}
-    head = json.loads(files["headline.json"]) if "headline.json" in files else {}
+    names = headline_files(files)
+    head = json.loads(files[names[0]]) if names else {}
     meta = head.get("meta", {})
     v = env.get("versions", meta)
     dev = env.get("device") or meta.get("device") or "unknown device"
@@ -177,7 +178,7 @@ def section_run(files, stages):
 
 
 def ceilings(files):
-    for name in ("headline.json", "bench.json"):
+    for name in headline_files(files) + ["bench.json"]:
         if name in files:
             return json.loads(files[name]).get("ceilings", {})
     if "env.json" in files:
@@ -242,11 +243,19 @@ def section_correctness(files):
     return "\n\n".join(out), counts
 
 
+def headline_files(files):
+    """The headline stage's JSON files (one per op: headline-<op>.json), in name order."""
+    return sorted(n for n in files if n.startswith("headline") and n.endswith(".json"))
+
+
 def _rows(files):
-    if "headline.json" not in files:
-        return [], {}
-    data = json.loads(files["headline.json"])
-    return data.get("results", []), data.get("ceilings", {})
+    """The headline rows of every op, and the ceilings measured with the first of them."""
+    rows, ceil = [], {}
+    for name in headline_files(files):
+        data = json.loads(files[name])
+        rows += data.get("results", [])
+        ceil = ceil or data.get("ceilings", {})
+    return rows, ceil
 
 
 def _by(rows, op):

@@ -29,7 +29,7 @@
 #   run.log         this script's progress, with the tail of each stage's log
 #   stages.tsv      stage, status (pass/fail/timeout/skipped), exit code, seconds, expected, cap
 #   results.tar.gz  every stage's files: env.json, build.log, warm.json, smoke.xml, smoke.log,
-#                   headline.json, headline.png, tests.xml, sanitize-*.log, large.xml, bench.json ...
+#                   headline-<op>.json, tests.xml, sanitize-*.log, large.xml, bench.json ...
 #   report.md       scripts/gpu_report.py's tables and summary (rewritten after every stage)
 # Read them with: python3 scripts/gpu_report.py RESULTS [RESULTS2 ...]
 #
@@ -129,11 +129,21 @@ _pytest() {  # NAME MARKEXPR [paths...]: pytest with junit XML, in parallel when
 stage_smoke() { _pytest smoke "smoke" tests; }
 
 stage_headline() {
-  # The dry run times attention alone: the CPU's headline rows include torch.compile'd steps
-  # that take minutes to compile on two cores.
-  local dev=cuda ops=(); [ "$DRY" = 1 ] && { dev=cpu; ops=(attention); }
-  "$PY" -m fastlm bench "${ops[@]}" --profile headline --device "$dev" --no-progress \
-    --json "$W/headline.json" --plot "$W/headline.png" 2>&1
+  # One `fastlm bench` per op, each JSON written as it ends: a stage cut short keeps the ops it
+  # finished (the bench writes its JSON only at the end). The dry run times attention alone:
+  # the CPU's headline rows include torch.compile'd steps that take minutes on two cores.
+  local dev=cuda ops op rc=0
+  [ "$DRY" = 1 ] && dev=cpu
+  if [ "$DRY" = 1 ]; then ops=(attention); else
+    read -r -a ops < <("$PY" -c "from fastlm import bench
+print(' '.join(o for o in bench.names() if bench.get(o).shape_list('$dev', 'headline')))")
+  fi
+  echo "headline ops: ${ops[*]}"
+  for op in "${ops[@]}"; do
+    "$PY" -m fastlm bench "$op" --profile headline --device "$dev" --no-progress \
+      --json "$W/headline-$op.json" 2>&1 || rc=$?
+  done
+  return $rc
 }
 
 stage_tests() {

@@ -73,12 +73,12 @@ def test_dry_run_results_fit_the_device_tool(dry_run):
     names = sorted(os.listdir(results))
     assert names == ["report.md", "results.tar.gz", "run.log", "stages.tsv"], names
     files = _members(results)
-    for name in ("env.json", "warm.json", "smoke.xml", "headline.json", "tests.xml", "large.xml",
-                 "sanitize-cpu.log", "bench.json", "info.txt", "stages.tsv"):
+    for name in ("env.json", "warm.json", "smoke.xml", "headline-attention.json", "tests.xml",
+                 "large.xml", "sanitize-cpu.log", "bench.json", "info.txt", "stages.tsv"):
         assert name in files, f"{name} missing from results.tar.gz: {sorted(files)}"
     env = json.loads(files["env.json"])
     assert env["ceilings"]["copy_gbps"] > 0 and env["versions"]["torch"] == torch.__version__
-    head = json.loads(files["headline.json"])
+    head = json.loads(files["headline-attention.json"])
     assert head["meta"]["profile"] == "headline" and head["results"]
     smoke = gpu_report.junit_cases(files["smoke.xml"])
     assert len(smoke) >= 200 and all(outcome == "skipped" for _, outcome, _ in smoke)
@@ -189,7 +189,10 @@ def test_report_on_a_synthetic_gpu_run(tmp_path):
         "env.json": json.dumps({"device": "NVIDIA H200 (sm_90)", "versions": {
             "torch": "2.11.0", "triton": "3.6.0", "python": "3.12"}}).encode(),
         "smoke.xml": _junit(smoke_cases),
-        "headline.json": json.dumps(_headline()).encode(),
+        # one JSON per op, as the headline stage writes them
+        **{f"headline-{op}.json": json.dumps(dict(_headline(), results=[
+            r for r in _headline()["results"] if r["op"] == op])).encode()
+           for op in ("attention", "layer_norm", "adamw", "gpt")},
         "sanitize-memcheck.log": b"========= ERROR SUMMARY: 0 errors\n",
     }, [("env", "pass", 18), ("build", "pass", 190), ("smoke", "fail", 80),
         ("headline", "pass", 170)])
