@@ -104,6 +104,8 @@ stage_build() {
       timeout --signal=TERM --kill-after=10 "${CAP[build]}" \
       "$PY" scripts/gpu_warm.py --device cuda --json "$W/warm.json" > "$W/warm.log" 2>&1 &
     wpid=$!
+    # the warm-up has its own process group: stop it too if this stage is stopped
+    trap 'kill -TERM "$wpid" 2>/dev/null' EXIT INT TERM
     MAX_JOBS=$NJOBS "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1
     rc=$?
     echo "build: exit $rc in $(( SECONDS - t0 )) s"
