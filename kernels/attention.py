@@ -182,6 +182,48 @@ def _seq(
 # ---------------------------------------------------------------------------------------------
 # Forward.
 @triton.jit
+def _key_ranges(S, m0, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # (full_hi, hi): the query tile at row m0 visits keys [0, full_hi) without a causal or
+    # bounds select, then [full_hi, hi) with them (the diagonal and the ragged key tail).
+    full_hi = (S // BLOCK_N) * BLOCK_N
+    hi = S
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(S, m0 + BLOCK_M)
+    return full_hi, hi
+
+
+@triton.jit
+def _fwd_finish(acc, l_i, m_i, drop_scale, DROPOUT: tl.constexpr):
+    # (out float32, lse): out = acc / l (times the keep scale); lse = ln 2 * (m + log2 l);
+    # empty rows (l = 0): out 0, lse +inf.
+    empty = l_i == 0.0
+    inv = 1.0 / tl.where(empty, 1.0, l_i)
+    if DROPOUT:
+        inv = inv * drop_scale
+    lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    return acc * inv[:, None], tl.where(empty, float("inf"), lse)
+
+
+@triton.jit
+def _online_softmax(s, acc, l_i, m_i, key, bh, offs_m, n0, drop_thresh, DROPOUT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One key block of the online softmax: (p with the dropped keys zeroed, acc and l rescaled
+    # to the new row max, the new max). The max is replaced by 0 while it is -inf (empty rows
+    # so far), so that no exp2(-inf - -inf) appears.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        keep = _philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M, BLOCK_N)
+        p = tl.where(keep, p, 0.0)
+    return p, acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_blocks(
     acc, l_i, m_i,  # running output, row sum, row max (base 2)
     q,  # [BLOCK_M, BLOCK_E] query tile
@@ -211,15 +253,8 @@ def _fwd_blocks(
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
         s = _scores(s, Mask_m + n64 * stride_mn, stride_mm, stride_mn, offs_m, offs_n, L, S,
                     qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = _philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p, 0.0)
+        p, acc, l_i, m_new = _online_softmax(s, acc, l_i, m_i, key, bh, offs_m, n0,
+                                             drop_thresh, DROPOUT, BLOCK_M, BLOCK_N)
         v = tl.load(V_head + n64 * stride_vn + v_tile,
                     mask=kv_rows[:, None] & (offs_ev < HEAD_EV)[None, :], other=0.0)
         acc = _dot(p.to(v.dtype), v, acc, IEEE)
@@ -299,12 +334,7 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    # Key blocks that need no causal or bounds select, then the ones that do.
-    full_hi = (S // BLOCK_N) * BLOCK_N
-    hi = S
-    if IS_CAUSAL:
-        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(S, m0 + BLOCK_M)
+    full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_vn, Mask_m, stride_mm, stride_mn, key,
         bh, offs_m, L, S, qk_scale, drop_thresh, 0, full_hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N,
@@ -314,14 +344,7 @@ def _attn_fwd(
         bh, offs_m, L, S, qk_scale, drop_thresh, full_hi, hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N,
         BLOCK_E, BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE)
 
-    # out = acc / l (times the keep scale); lse = ln 2 * (m + log2 l); empty rows: 0, +inf.
-    empty = l_i == 0.0
-    inv = 1.0 / tl.where(empty, 1.0, l_i)
-    if DROPOUT:
-        inv = inv * drop_scale
-    out = acc * inv[:, None]
-    lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
-    lse = tl.where(empty, float("inf"), lse)
+    out, lse = _fwd_finish(acc, l_i, m_i, drop_scale, DROPOUT)
     if VARLEN:
         rows = q0 + offs_m
         o_ptrs = Out + (rows * Hq + h)[:, None] * HEAD_EV + offs_ev[None, :]
@@ -390,6 +413,20 @@ def _attn_bwd_pre(
                  other=0.0)
     d = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + row64, d, mask=offs_m < L)
+
+
+@triton.jit
+def _query_ranges(n0, L, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    # (lo, mid): the key block at n0 visits query rows [lo, mid) with the causal select (the
+    # diagonal tiles), then [mid, L) without; causal rows below lo see none of its keys.
+    lo = 0
+    mid = 0
+    if IS_CAUSAL:
+        lo = (n0 // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M), tl.cdiv(L, BLOCK_M)) * BLOCK_M
+        mid = tl.maximum(mid, lo)
+    return lo, mid
 
 
 @triton.jit
@@ -526,13 +563,7 @@ def _attn_bwd_dkdv(
     if DROPOUT:
         key = _philox_key(Rng)
 
-    # Causal: rows below the first diagonal block need no select; rows above it see no key.
-    lo = 0
-    mid = 0
-    if IS_CAUSAL:
-        lo = (n0 // BLOCK_M) * BLOCK_M
-        mid = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M), tl.cdiv(L, BLOCK_M)) * BLOCK_M
-        mid = tl.maximum(mid, lo)
+    lo, mid = _query_ranges(n0, L, IS_CAUSAL, BLOCK_M, BLOCK_N)
     for g in range(group):
         h = hk * group + g
         bh = b * Hq + h
@@ -697,11 +728,7 @@ def _attn_bwd_dq(
         Mask_m = Mask + b * stride_mb + h * stride_mh + tl.cast(m0, tl.int64) * stride_mm
 
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    full_hi = (S // BLOCK_N) * BLOCK_N
-    hi = S
-    if IS_CAUSAL:
-        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(S, m0 + BLOCK_M)
+    full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_blocks(dq, q, do, lse2, Di, K_head, V_head, stride_kn, stride_vn, Mask_m,
                     stride_mm, stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
                     drop_scale, 0, full_hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E,

@@ -1,4 +1,4 @@
-"""Attention for Hopper (sm_90) in Triton: TMA tiles, 128-key tiles, a fused 5-matmul backward.
+"""Attention for Hopper (sm_90) in Triton: TMA tiles, 128 x 128 forward tiles, a fused backward.
 
 Shipped as fastlm.kernels.attention_sm90; kernels/attention.py chooses between these kernels
 and its FlashAttention-2 ones with one table per arch (`_VARIANTS` there). Same contract
@@ -13,13 +13,13 @@ grad_out) are TMA-addressable (16-byte aligned base and strides) come here.
                  persistent grid of one program per SM when the table says so, else one tile
                  per program); causal tiles are numbered longest first. 128 x 128 tiles at head
                  dim <= 128 (wgmma 64xNx16 with N = 128, two warpgroups of 64 rows each).
-  _attn_bwd_tma  One pass computes dK, dV and dQ (5 matmuls: S^T = K Q^T, dP^T = V dO^T,
-                 dV += P^T dO, dK += dS^T Q, dQ_part = dS K). A tile is 128 keys (two
-                 warpgroups of 64 key rows: no warpgroup repeats another's work) against
-                 64-query steps, so every wgmma has N >= 64. dQ partial sums meet in a float32
-                 buffer in a fixed order, handed from key block to key block by a semaphore
-                 per query tile (see "Deterministic dQ" below): the backward stays bitwise
-                 deterministic without floating atomics.
+  _attn_bwd_tma  One pass computes dK, dV and dQ (5 matmuls: S = Q K^T, dP = dO V^T,
+                 dV += P^T dO, dK += dS^T Q, dQ_part = dS K) for a key block against steps of
+                 query rows; the shipped tile (CONFIGS) is 64 keys x 64 queries on one
+                 warpgroup (every wgmma 64x64x16 at head dim 64). dQ partial sums meet in a
+                 float32 buffer in a fixed order, handed from key block to key block by a
+                 semaphore per query tile (see "Deterministic dQ" below): the backward stays
+                 bitwise deterministic without floating atomics.
 
 Deterministic dQ, and why it cannot deadlock
 --------------------------------------------
@@ -55,7 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _dot, _philox_keep, _philox_key, _scores
+from .attention import (_dot, _fwd_finish, _key_ranges, _online_softmax, _philox_keep,
+                        _philox_key, _query_ranges, _scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,15 +106,8 @@ def _fwd_blocks_tma(
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
         s = _scores(s, Mask_m + tl.cast(n0, tl.int64) * stride_mn, stride_mm, stride_mn, offs_m,
                     offs_n, L, S, qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = _philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p, 0.0)
+        p, acc, l_i, m_new = _online_softmax(s, acc, l_i, m_i, key, bh, offs_m, n0,
+                                             drop_thresh, DROPOUT, BLOCK_M, BLOCK_N)
         v = _tile(DescV, b, hk, k0 + n0, BLOCK_N, BLOCK_EV, VARLEN)
         if VARLEN and BOUNDS:  # rows past the sequence are the next sequence's (TMA fills
             v = tl.where((offs_n < S)[:, None], v, 0.0)  # only past the tensor): p = 0 there
@@ -155,12 +149,7 @@ def _fwd_tile(
         acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        # Key blocks that need no causal or bounds select, then the ones that do.
-        full_hi = (S // BLOCK_N) * BLOCK_N
-        hi = S
-        if IS_CAUSAL:
-            full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
-            hi = tl.minimum(S, m0 + BLOCK_M)
+        full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_blocks_tma(
             acc, l_i, m_i, q, DescK, DescV, b, hk, k0, Mask_m, stride_mm, stride_mn, key, bh,
             offs_m, L, S, qk_scale, drop_thresh, 0, full_hi, BLOCK_M, BLOCK_N, BLOCK_E,
@@ -170,14 +159,8 @@ def _fwd_tile(
             offs_m, L, S, qk_scale, drop_thresh, full_hi, hi, BLOCK_M, BLOCK_N, BLOCK_E,
             BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE, VARLEN)
 
-        # out = acc / l (times the keep scale); lse = ln 2 * (m + log2 l); empty rows: 0, +inf.
-        empty = l_i == 0.0
-        inv = 1.0 / tl.where(empty, 1.0, l_i)
-        if DROPOUT:
-            inv = inv * drop_scale
-        out = (acc * inv[:, None]).to(Out.dtype.element_ty)
-        lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
-        lse = tl.where(empty, float("inf"), lse)
+        out, lse = _fwd_finish(acc, l_i, m_i, drop_scale, DROPOUT)
+        out = out.to(Out.dtype.element_ty)
         row_ok = offs_m < L
         if VARLEN:  # rows past the sequence belong to the next one: a masked store
             offs_ev = tl.arange(0, BLOCK_EV)
@@ -235,13 +218,17 @@ def _attn_fwd_tma(
 # Backward: dK, dV and dQ in one pass.
 #
 # With p_ij = exp2(s2_ij - lse_i * log2(e)) recomputed from the saved lse, z the keep bit,
-# r the keep scale and D_i = rowsum(dO * O) (kernels/attention.py _attn_bwd_pre):
-#   S^T  = K Q^T                       [BLOCK_N, BLOCK_M]   matmul 1
-#   dP^T = (V dO^T) z r                [BLOCK_N, BLOCK_M]   matmul 2
+# r the keep scale and D_i = rowsum(dO * O) (kernels/attention.py _attn_bwd_pre), for a key
+# block (K, V, dK, dV held by the program) and a step of query rows (Q, dO from TMA):
+#   S    = Q K^T                       [BLOCK_M, BLOCK_N]   matmul 1
+#   dP   = (dO V^T) z r                [BLOCK_M, BLOCK_N]   matmul 2
 #   dV  += (p z r)^T dO                [BLOCK_N, Ev]        matmul 3
-#   dS^T = p^T (dP^T - D)
+#   dS   = p (dP - D)
 #   dK  += dS^T Q                      [BLOCK_N, E]         matmul 4 (scale applied at the end)
-#   dQ_j += dS K  (= (dS^T)^T K)       [BLOCK_M, E]         matmul 5, added in key-block order
+#   dQ_j += dS K                       [BLOCK_M, E]         matmul 5, added in key-block order
+# Queries run along the rows of S so that lse and D are per-row values (2 registers a thread
+# where S^T would hold 16 columns of each); P^T and dS^T reach their wgmmas through shared
+# memory.
 @triton.jit
 def _wait_count(Sem, target, INTERP: tl.constexpr):
     # Spin until *Sem == target, every thread with a GPU-scope acquire load. The loop is PTX
@@ -390,14 +377,7 @@ def _bwd_tile(
         v = _tile(DescV, b, hk, k0 + n0, BLOCK_N, BLOCK_EV, VARLEN)
         dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
-        # Causal: query tiles before the key block's see none of its keys; the diagonal tiles
-        # [lo, mid) need the select, the rest do not.
-        lo = 0
-        mid = 0
-        if IS_CAUSAL:
-            lo = (n0 // BLOCK_M) * BLOCK_M
-            mid = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M), tl.cdiv(L, BLOCK_M)) * BLOCK_M
-            mid = tl.maximum(mid, lo)
+        lo, mid = _query_ranges(n0, L, IS_CAUSAL, BLOCK_M, BLOCK_N)
         for g in range(group):
             h = hk * group + g
             bh = b * Hq + h
