@@ -62,10 +62,9 @@ if GPU:
     TILES["shipped"] = ((128, 128, 8, 2), (64, 64, 4, 1))
 
 
-@pytest.fixture(params=list(TILES))
-def tma(request, monkeypatch):
+def _forced(monkeypatch, tiles):
     """Force the TMA kernels with the table widened; yields the list of variants that ran."""
-    _every_variant(monkeypatch, *TILES[request.param])
+    _every_variant(monkeypatch, *TILES[tiles])
     ran = []
     real = tk.variant
 
@@ -77,6 +76,18 @@ def tma(request, monkeypatch):
     monkeypatch.setattr(tk, "variant", spy)
     with tk.force_variant(fwd="tma", bwd="tma"):
         yield ran
+
+
+@pytest.fixture(params=list(TILES))
+def tma(request, monkeypatch):
+    """The TMA kernels forced, for each tiling of TILES."""
+    yield from _forced(monkeypatch, request.param)
+
+
+@pytest.fixture
+def tma_one(monkeypatch):
+    """The TMA kernels forced, one tiling (for the checks that do not depend on it)."""
+    yield from _forced(monkeypatch, "bm16-bn32")
 
 
 def _ran_tma(ran, kinds=("fwd", "bwd")):
@@ -150,7 +161,7 @@ def test_tma_varlen_dropout_is_the_padded_problems(tma):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_tma_backward_is_deterministic(tma, p):
+def test_tma_backward_is_deterministic(tma_one, p):
     """The fused backward's dQ sums arrive in a fixed order: two runs, the same bits."""
     dt = torch.bfloat16
     q, k, v, dout = (randn((1, 4, 45, 32), dt, DEVICE, seed=i) for i in range(4))
@@ -161,7 +172,16 @@ def test_tma_backward_is_deterministic(tma, p):
     second = tk.backward(dout, q, k, v, out, lse, None, rng, p, True, 0.2)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    _ran_tma(tma)
+    _ran_tma(tma_one)
+
+
+def test_tma_persistent_forward(tma_one, monkeypatch):
+    """The persistent grid (programs looping over query tiles; on the CPU 2 programs) gives
+    the same result as one tile per program."""
+    monkeypatch.setattr(sm90, "PERSISTENT_FWD", True)
+    ta.compare_sdpa(*BACKEND, ta.Case("p", (1, 2, 40, 16), (1, 2, 40, 16), causal=True),
+                    torch.bfloat16)  # 2 heads x 2 query tiles on 2 programs
+    _ran_tma(tma_one, ("fwd",))
 
 
 # ---------------------------------------------------------------------------------------------
