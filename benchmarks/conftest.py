@@ -56,7 +56,7 @@ class BenchPoint:
             shape=self.shape, direction=self.direction,
             max_err=None if self.impl.error_na else max(errors.values()),
             error_na=self.impl.error_na)
-        if self.case.bytes:
+        if self.case.bytes and benchmark.stats is not None:  # (None: --benchmark-disable)
             nbytes = self.case.bytes_of(self.shape, self.direction)
             benchmark.extra_info.update(
                 bytes=nbytes, gbps=nbytes / benchmark.stats.stats.median / 1e9)

@@ -3,7 +3,8 @@
     fastlm --version
     fastlm info [--json]                             versions, build, backends on this machine
     fastlm bench [OPS...] [--device cpu|cuda] [--profile full|quick|headline|tiny] [--quick]
-                 [--json PATH] [--pytest-json PATH] [--plot PATH]
+                 [--skip-impl GLOB] [--budget SECONDS] [--json PATH] [--pytest-json PATH] [--markdown PATH]
+                 [--plot PATH]
     fastlm compile --arch sm_90 [...]                see `fastlm compile --help`
     fastlm train [--data PATH] [--steps N] [...]     a byte-level GPT; see `fastlm train --help`
 
@@ -103,8 +104,10 @@ def bench(args):
                      "valid choice: cpu")
     ops = args.ops or fb.names()
     print(f"fastlm bench: {', '.join(ops)} on {device}, profile {profile}", flush=True)
+    save = (lambda partial: fb.report.write_json(partial, args.json)) if args.json else None
     report = fb.run(ops, device, profile=profile, progress=not args.no_progress,
-                    announce=lambda text: print(f"plan: {text}", flush=True))
+                    announce=lambda text: print(f"plan: {text}", flush=True),
+                    skip_impls=args.skip_impl, on_case=save, budget=args.budget)
     print(fb.report.render(report))
     if args.json:
         fb.report.write_json(report, args.json)
@@ -222,7 +225,15 @@ def build_parser():
                         "quick (a few small shapes), headline (the GPU check's rows; tiny "
                         "shapes on the CPU), tiny (every implementation at tiny sizes)")
     p.add_argument("--quick", action="store_true", help="the same as --profile quick")
-    p.add_argument("--json", metavar="PATH", help="write every number and metadata as JSON")
+    p.add_argument("--skip-impl", action="append", default=[], metavar="GLOB",
+                   help="leave out the implementations whose name matches (repeatable), "
+                        "e.g. --skip-impl '*compile*'")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="timed seconds per measurement (default 0.4 on the CPU, 0.1 on a GPU; "
+                        "0.02 in the tiny profile): small values check a path, not its speed")
+    p.add_argument("--json", metavar="PATH",
+                   help="write every number and metadata as JSON (rewritten after each case, "
+                        "so a run cut short keeps what it measured: meta.partial)")
     p.add_argument("--pytest-json", metavar="PATH",
                    help="also write the results in pytest-benchmark's JSON format "
                         "(for `pytest-benchmark compare`)")

@@ -259,3 +259,19 @@ def test_pytest_benchmark_suite_runs_the_same_cases(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_skip_impl_and_partial_json(toy_cases, tmp_path, capsys):
+    js = tmp_path / "toy.json"
+    assert cli.main(["bench", "toy", "--device", "cpu", "--profile", "tiny", "--no-progress",
+                     "--skip-impl", "bro*", "--skip-impl", "oom", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped toy broken: excluded by --skip-impl" in out
+    assert "skipped toy oom: excluded by --skip-impl" in out
+    report = json.loads(js.read_text())
+    assert "partial" not in report["meta"] and len(report["results"]) == 1
+    seen = []
+    runner.run(["toy"], "cpu", profile="tiny", progress=False, skip_impls=("broken", "oom"),
+               on_case=lambda rep: seen.append(rep))
+    assert len(seen) == 1 and seen[0]["meta"]["partial"] is True
+    assert [r["backend"] for r in seen[0]["results"]] == ["torch"]

@@ -78,8 +78,13 @@ def test_dry_run_results_fit_the_device_tool(dry_run):
         assert name in files, f"{name} missing from results.tar.gz: {sorted(files)}"
     env = json.loads(files["env.json"])
     assert env["ceilings"]["copy_gbps"] > 0 and env["versions"]["torch"] == torch.__version__
-    head = json.loads(files["headline-attention.json"])
-    assert head["meta"]["profile"] == "headline" and head["results"]
+    from fastlm import bench
+
+    for op in bench.names():  # every op's headline path (the dry run leaves out compiled rows)
+        if bench.get(op).shape_list("cpu", "headline"):
+            head = json.loads(files[f"headline-{op}.json"])
+            assert head["meta"]["profile"] == "headline" and head["results"], op
+            assert head["failures"] == 0, (op, head["skipped"])
     smoke = gpu_report.junit_cases(files["smoke.xml"])
     assert len(smoke) >= 200 and all(outcome == "skipped" for _, outcome, _ in smoke)
     warm = json.loads(files["warm.json"])

@@ -9,6 +9,7 @@ that are not available here (a peer not installed, a backend not built) are skip
 they are not failures.
 """
 
+import fnmatch
 import gc
 import time
 
@@ -156,7 +157,7 @@ def directions(case, profile):
     return [d for d in case.directions if d not in SKIP_DIRECTIONS.get(profile, ())]
 
 
-def plan(ops, device_type, profile):
+def plan(ops, device_type, profile, skip_impls=()):
     """[(case, shapes, impls to time, directions)] and [{op, backend, reason}] skipped, for
     `ops` in `profile`."""
     if isinstance(profile, bool):
@@ -171,6 +172,10 @@ def plan(ops, device_type, profile):
             continue
         impls, why_not = registry.split_available(case, device_type)
         skipped += [{"op": op, "backend": name, "reason": why} for name, why in why_not]
+        excluded = [i for i in impls if any(fnmatch.fnmatchcase(i.name, g) for g in skip_impls)]
+        skipped += [{"op": op, "backend": i.name, "reason": "excluded by --skip-impl"}
+                    for i in excluded]
+        impls = [i for i in impls if i not in excluded]
         if profile == "quick":
             skipped += [{"op": op, "backend": i.name, "reason": f"not in --quick on {device_type}"}
                         for i in impls if device_type not in i.quick_devices]
@@ -230,21 +235,25 @@ def no_donated_buffers():
     return contextlib.nullcontext()
 
 
-def run(ops, device, quick=False, progress=True, profile=None, announce=None):
+def run(ops, device, quick=False, progress=True, profile=None, announce=None, skip_impls=(),
+        on_case=None, budget=None):
     """Benchmark `ops` on `device`: the report {"meta", "ceilings", "skipped", "results",
     "failures"}. `profile` is a registry.PROFILES name (default: "quick" if `quick` else
-    "full"); `announce(text)`, when given, receives the plan and its estimated duration
-    before anything runs."""
+    "full"); `skip_impls`: glob patterns of implementation names left out; `announce(text)`,
+    when given, receives the plan and its estimated duration before anything runs;
+    `on_case(report)` receives the report so far after each case (to save partial results);
+    `budget`: timed seconds per measurement (default: timing's, or a short one for "tiny")."""
     device = torch.device(device)
     profile = profile or ("quick" if quick else "full")
-    planned, skipped = plan(ops, device.type, profile)
+    planned, skipped = plan(ops, device.type, profile, skip_impls)
     todo = measurements(planned)
     estimate, source = history.estimate(todo, device.type, profile)
     if announce:
         announce(f"{len(todo)} measurements in {len(planned)} cases; estimated "
                  f"{history.format_seconds(estimate)} ({source})")
-    ceilings = timing.ceilings(device)
-    budget = timing.TINY_BUDGET_S if profile == "tiny" else None
+    if budget is None and profile == "tiny":
+        budget = timing.TINY_BUDGET_S
+    ceilings = timing.ceilings(device, budget)
     results, failed, durations = [], [], {}
     t_start = time.perf_counter()
     bar = _progress(progress)
@@ -280,8 +289,17 @@ def run(ops, device, quick=False, progress=True, profile=None, announce=None):
                 del inputs
                 _free(device)
             bar.remove_task(current[case.op])
+            if on_case:
+                on_case(_report(device, ops, profile, t_start, ceilings, skipped, failed,
+                                results, partial=True))
     history.record(durations, device.type, profile)
+    return _report(device, ops, profile, t_start, ceilings, skipped, failed, results)
+
+
+def _report(device, ops, profile, t_start, ceilings, skipped, failed, results, partial=False):
     meta = {**env.metadata(device), "ops": list(ops), "quick": profile == "quick",
             "profile": profile, "seconds": round(time.perf_counter() - t_start, 1)}
+    if partial:
+        meta["partial"] = True
     return {"meta": meta, "ceilings": ceilings, "skipped": skipped + failed,
-            "results": results, "failures": len(failed)}
+            "results": list(results), "failures": len(failed)}

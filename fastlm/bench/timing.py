@@ -112,22 +112,22 @@ def bandwidth_ceiling(device, nbytes, ceilings, budget_s=None):
     return table[key]
 
 
-def _matmul_tflops(device, n, dtype):
+def _matmul_tflops(device, n, dtype, budget_s=None):
     """Throughput of an n x n x n matmul in `dtype`."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / median(time_fn(lambda: a @ b, device.type)) / 1e9
+    return 2 * n ** 3 / median(time_fn(lambda: a @ b, device.type, budget_s)) / 1e9
 
 
-def ceilings(device):
+def ceilings(device, budget_s=None):
     """Copy bandwidth (GB/s, bytes read + written) and matmul throughput (TFLOP/s) on
     `device`: bf16 8192³ on CUDA, fp32 1024³ on the CPU."""
     if device.type == "cuda":
         numel, n, dtype = 1 << 28, 8192, torch.bfloat16
     else:
         numel, n, dtype = 1 << 25, 1024, torch.float32
-    return {"copy_gbps": _copy_gbps(device, numel),
-            "inplace_gbps": _inplace_gbps(device, numel),
+    return {"copy_gbps": _copy_gbps(device, numel, budget_s),
+            "inplace_gbps": _inplace_gbps(device, numel, budget_s),
             "copy_bytes": 8 * numel,
-            "matmul_tflops": _matmul_tflops(device, n, dtype),
+            "matmul_tflops": _matmul_tflops(device, n, dtype, budget_s),
             "matmul": f"{str(dtype).removeprefix('torch.')} {n}x{n}x{n}"}
