@@ -11,6 +11,7 @@ triton.testing, peers) happen only when a benchmark runs.
 """
 
 from . import add_layer_norm, adamw, attention, gpt, layer_norm, report  # noqa: F401  (importing an op module registers its case)
+from . import hf, linear_cross_entropy, rms_norm, rotary, swiglu  # noqa: F401  (issue 13's cases)
 from .registry import CASES, Case, Impl, get, names, register, shape_label, split_available
 from .runner import run
 
