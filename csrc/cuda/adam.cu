@@ -39,6 +39,7 @@
 
 #include "../adam.h"
 #include "common.cuh"
+#include "ptx.h"
 
 namespace fastlm {
 namespace cuda {
@@ -48,49 +49,8 @@ constexpr int kThreads = 256;  // per block (a chunk is 65536 / (256 * 8) = 32 t
 constexpr int kElems = 8;      // elements per thread per trip: VEC * ILP
 constexpr int kFinalThreads = 1024;
 
-// IEEE round-to-nearest float operations, denormals kept (no .ftz). Opaque to the compiler, so
-// --use_fast_math can neither approximate them nor contract a multiply and an add into an FMA.
-#if defined(FASTLM_CUDA_EMU)  // the CUDA emulator (tests/cuda_emu): IEEE float ops on the CPU
-__device__ __forceinline__ float f_mul(float a, float b) { return a * b; }
-__device__ __forceinline__ float f_add(float a, float b) { return a + b; }
-__device__ __forceinline__ float f_sub(float a, float b) { return a - b; }
-__device__ __forceinline__ float f_div(float a, float b) { return a / b; }
-__device__ __forceinline__ bool f_lt(float a, float b) { return a < b; }
-__device__ __forceinline__ float f_sqrt(float a) { return std::sqrt(a); }
-#else
-__device__ __forceinline__ float f_mul(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float f_add(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float f_sub(float a, float b) {
-  float r;
-  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float f_div(float a, float b) {
-  float r;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-// a < b without flushing denormals to zero (a plain `<` compiles to setp.lt.ftz here).
-__device__ __forceinline__ bool f_lt(float a, float b) {
-  unsigned r;
-  asm("{\n\t.reg .pred p;\n\tsetp.lt.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-      : "=r"(r) : "f"(a), "f"(b));
-  return r != 0;
-}
-__device__ __forceinline__ float f_sqrt(float a) {
-  float r;
-  asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
-  return r;
-}
-#endif  // FASTLM_CUDA_EMU
+// f_mul, f_add, f_sub, f_div, f_lt, f_sqrt: IEEE round-to-nearest float operations that nvcc
+// cannot contract or approximate (ptx.h).
 
 // N consecutive elements of T <-> floats, in accesses of at most 16 bytes (N * sizeof(T) may
 // be 32 bytes for float32 moments of 16-bit params; only 16-byte alignment is known).

@@ -1,4 +1,4 @@
 #pragma once
 #include "fastlm_emu.h"
 #include "fastlm_emu_half.h"
-#include "fastlm_emu_ptx_impl.h"
+#include "fastlm_emu_ptx.h"

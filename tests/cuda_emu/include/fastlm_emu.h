@@ -1,28 +1,40 @@
 // fastlm's CUDA emulator: runs the CUDA C++ kernels of csrc/cuda on the CPU, one fiber per CUDA
-// thread, so that their indexing, fragment layouts, pipelining and synchronization are tested on
-// a machine without a GPU (tests/test_cuda_emu_*.py). tests/cuda_emu/build.py compiles the .cu
-// files with g++ against these headers, which stand in for cuda_runtime.h, cuda_fp16.h,
-// cuda_bf16.h and c10/cuda; the PTX the kernels use (cp.async, ldmatrix, mma.sync) is in
-// fastlm_emu_ptx.h / fastlm_emu_ptx_impl.h, written from the PTX ISA's definitions, not from
-// the kernels.
+// thread, so that their indexing, fragment layouts, pipelining, synchronization, launch
+// configuration and memory accesses are tested on a machine without a GPU
+// (tests/test_cuda_emu_*.py). tests/cuda_emu/build.py compiles the .cu files with g++ against
+// these headers, which stand in for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h and c10/cuda, after
+// mechanical rewrites (launches, shared declarations, kernel entries, and every inline `asm`
+// statement, which becomes a call into fastlm_emu_ptx.h's decoder of the same PTX text).
+// tests/cuda_emu/README.md is the short manual.
 //
-// Model. A launch runs its blocks one after another. Inside a block every thread is a fiber on
-// the calling OS thread; a fiber runs until it reaches a barrier: __syncthreads (all live
-// threads of the block) or a warp collective (__shfl*_sync, ldmatrix, mma: all 32 lanes of the
-// warp at the same kind of collective, else the launch fails with "divergent warp"). The
-// scheduler lets one warp run ahead of the others as far as the barriers allow, in a warp order
-// redrawn (seeded: FASTLM_EMU_SEED, or emu_seed) at each __syncthreads and now and then at a
-// warp collective, so a missing barrier shows up as a wrong result.
-// Checked on top: dynamic shared memory starts as 0xFF bytes (NaN in every float type);
-// cp.async copies land either at once when their group is committed or only when the issuing
-// thread's cp.async.wait_group retires the group (random per group), so both a read before the
-// wait and a refill of a stage another warp still reads show up; shared addresses given to
-// cp.async and ldmatrix must be aligned and in bounds, cp.async sources 16-byte aligned; a
-// deadlock (threads waiting at different barriers) fails the launch with the threads' states.
-// Not checked: the hardware memory model between barriers, timing, register spills, and what
-// nvcc does (--use_fast_math's approximations among it).
+// Model. A launch runs its blocks in a seeded random order, two at a time interleaved at random
+// points (more when every live thread spin-waits: blocks become resident as a GPU with free SMs
+// would make them). Inside a block every thread is a fiber; a fiber runs until it reaches a
+// barrier: __syncthreads (all live threads of the block) or a warp collective (__shfl*_sync,
+// ldmatrix, mma: all 32 lanes of the warp at the same kind of collective, else the launch fails
+// with "divergent warp"). Warps run ahead of each other as far as the barriers allow, in an order
+// redrawn (seeded: FASTLM_EMU_SEED, or emu_seed) at each __syncthreads and now and then at a warp
+// collective, so a missing barrier shows up as a wrong result. Asynchronous operations (cp.async
+// groups) complete at a random scheduling point before the wait that retires them.
+// Checked on top:
+//   * launches as the driver checks them: block and grid limits, `__launch_bounds__`, dynamic
+//     shared memory above 48 KB only after cudaFuncSetAttribute opted in to at least that much,
+//     static + dynamic shared memory within the per-block limit of every target arch
+//     (emu_set_archs; the build's archs by default);
+//   * memory (fastlm_emu_mem.h): global allocations, dynamic and static shared memory are guarded
+//     mappings, so an out-of-bounds access fails the launch naming kernel, block, thread and
+//     address; shared memory, static __shared__ arrays, fresh global allocations (0xFF: NaN) and
+//     local variables (g++ -ftrivial-auto-var-init=pattern) start as poison in every block;
+//   * PTX (fastlm_emu_ptx.h): the kernels' own asm strings are decoded; an unknown or misplaced
+//     modifier, a wrong operand count or constraint fails; shared addresses must be aligned and
+//     in bounds; a deadlock fails the launch with the threads' states.
+// Not checked: the hardware memory model between barriers, timing, registers and spills (ptxas
+// -v: FASTLM_PTXAS_VERBOSE=1 at the build), and what nvcc does to plain C++ arithmetic
+// (--use_fast_math's approximations, FMA contraction; tests/test_cuda_emu_ptx.py checks that
+// Adam's arithmetic is all explicitly rounded).
 #pragma once
 
+#include <signal.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -32,29 +44,31 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "fastlm_emu_half.h"
+#include "fastlm_emu_mem.h"
 
 // ---------------------------------------------------------------------------------------------
-// CUDA keywords.
+// CUDA keywords. build.py rewrites `__shared__` declarations and `__launch_bounds__` (into the
+// ::emu::kernel_entry call it puts first in every kernel); leftovers fail to compile.
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __noinline__
-#define __launch_bounds__(...)
+#define __launch_bounds__(...) __launch_bounds___not_rewritten_by_cuda_emu_build_py
+#define __shared__ __shared___declaration_not_rewritten_by_cuda_emu_build_py
 #define __grid_constant__
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
-// Static shared arrays become function statics: blocks run one at a time, so one copy serves.
-// (build.py rewrites `extern __shared__ T name[];` into a pointer to the block's arena.)
-#define __shared__ static
 
 struct dim3 {
   unsigned x, y, z;
@@ -65,6 +79,7 @@ using uint3 = dim3;
 typedef struct CUstream_st* cudaStream_t;
 typedef int cudaError_t;
 constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidValue = 1;
 
 // Fiber switches. On x86-64, a plain register switch (fastlm_emu_switch, defined once, in the
 // translation unit that defines FASTLM_EMU_DEFINE_SWITCH): swapcontext also saves the signal
@@ -113,12 +128,28 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-enum class Wait : int { kRun = 0, kBlock = 1, kWarp = 2, kDone = 3 };
+// kPoll: spin-waiting (poll_yield); runnable, but only picked when nothing else is.
+enum class Wait : int { kRun = 0, kBlock = 1, kWarp = 2, kDone = 3, kPoll = 4 };
 
+struct Block;
+struct Fiber;
+
+// One 16-byte (or 4/8-byte) cp.async copy: `bytes` read from src, the rest of `size` zero-filled.
 struct Copy {
-  uint32_t dst;
+  unsigned char* dst;
   const void* src;
-  int bytes;  // bytes read from src; the rest of the 16 are zero-filled
+  int bytes, size;
+};
+
+// An asynchronous operation in flight (a cp.async group, ...): it completes once (its copies
+// land, then `fn` runs), at a random scheduling point after it was issued or at the latest when
+// its owner waits for it.
+struct AsyncOp {
+  std::vector<Copy> copies;
+  std::function<void()> fn;
+  Fiber* owner = nullptr;
+  bool done = false;
+  int index = -1;  // position in Runtime::async while pending
 };
 
 struct Fiber {
@@ -128,42 +159,74 @@ struct Fiber {
   ucontext_t ctx;
 #endif
   char* stack = nullptr;
+  Block* blk = nullptr;
   dim3 tid;
   int linear = 0, warp = 0, lane = 0;
   Wait state = Wait::kRun;
-  const char* where = "";           // the collective it waits at
-  std::vector<Copy> pending;        // cp.async issued, not yet committed
-  std::vector<std::vector<Copy>> groups;  // committed groups, oldest first
+  const char* where = "";  // the collective it waits at
+  // cp.async: copies issued and not yet committed; committed groups, oldest first.
+  std::vector<Copy> pending;
+  std::vector<std::shared_ptr<AsyncOp>> groups;
 };
 
 struct WarpState {
   int arrived = 0;
   int live = 0;
+  int runnable = 0;
   const char* kind = nullptr;
   unsigned char slot[32][64];  // each lane's operands of the current collective
 };
 
 constexpr size_t kStack = size_t(1) << 20;
+constexpr size_t kStaticWindow = size_t(1) << 24;  // shared addresses of static arrays start here
 
-struct Runtime {
+struct StaticShared;
+
+// One resident block: its threads, barriers, dynamic shared memory and static arrays.
+struct Block {
+  int slot = 0;
+  bool active = false;
+  dim3 idx;
+  int n = 0, live = 0, arrived = 0, runnable = 0;
+  uint64_t epoch = 0;  // unique per block run (static arrays re-poison on a new epoch)
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
+  std::vector<int> order;  // warp ids, most favoured first
+  Region smem;             // dynamic shared memory (mapped per launch, re-poisoned per block)
+  std::vector<StaticShared*> statics;  // static arrays this block touched
+  Block() = default;
+  Block(const Block&) = delete;
+  ~Block() {
+    for (Fiber& f : fibers) delete[] f.stack;
+    unmap_region(smem);
+  }
+};
+
+struct Runtime {
+  std::vector<std::unique_ptr<Block>> blocks;  // the resident slots
 #ifdef FASTLM_EMU_ASM_SWITCH
   void* sched_sp = nullptr;
 #else
   ucontext_t sched;
 #endif
   Fiber* cur = nullptr;
-  dim3 block_idx, block_dim, grid_dim;
-  std::vector<unsigned char> smem;  // dynamic shared memory of the running block
-  int n = 0;  // threads of the running block (fibers[0, n))
-  int live = 0, block_arrived = 0;
-  bool failed = false;
-  std::string message;
+  dim3 grid_dim, block_dim;
+  size_t smem_bytes = 0;
   std::function<void()> body;
   std::mt19937_64 rng{0};
   bool seeded = false;
-  std::vector<int> priority;  // per warp; the scheduler runs the lowest value first
+  bool failed = false;
+  std::string message;
+  // The running launch: its kernel (named by the first thread's kernel_entry).
+  const char* kernel = nullptr;
+  bool entry_checked = false;
+  bool probing = false;  // a launch error: one thread runs to kernel_entry to name the kernel
+  uint64_t epochs = 0;
+  std::vector<std::shared_ptr<AsyncOp>> async;  // pending asynchronous operations
+  // Device model.
+  std::vector<int> archs{80, 90};  // target archs (emu_set_archs): every limit holds on each
+  std::vector<std::pair<const void*, int>> max_dyn_smem;  // cudaFuncSetAttribute opt-ins
+  int concurrent = 2;  // blocks in flight
 };
 
 inline Runtime& rt() {
@@ -172,6 +235,27 @@ inline Runtime& rt() {
 }
 
 inline Fiber& self() { return *rt().cur; }
+
+// Largest shared memory per block (dynamic opt-in + static) of a compute capability, in bytes.
+inline int smem_per_block_optin(int arch) {
+  switch (arch) {
+    case 70: case 72: return 96 * 1024;
+    case 75: return 64 * 1024;
+    case 80: case 87: return 163 * 1024;
+    case 90: case 100: case 101: case 103: return 227 * 1024;
+    default: return 99 * 1024;  // 86, 89, 120, 121
+  }
+}
+inline int min_smem_optin() {
+  int v = 1 << 30;
+  for (int a : rt().archs) v = std::min(v, smem_per_block_optin(a));
+  return v;
+}
+inline std::string archs_str() {
+  std::string s;
+  for (int a : rt().archs) s += (s.empty() ? "sm_" : ", sm_") + std::to_string(a);
+  return s;
+}
 
 // From the running fiber to the scheduler, and from the scheduler into fiber f.
 inline void to_scheduler(Fiber& f) {
@@ -189,47 +273,117 @@ inline void to_fiber(Fiber& f) {
 #endif
 }
 
-// A new random order of the warps (a permutation of 0 .. warps-1).
-inline void reprioritize() {
-  Runtime& r = rt();
-  for (size_t i = 0; i < r.priority.size(); ++i) r.priority[i] = int(i);
-  std::shuffle(r.priority.begin(), r.priority.end(), r.rng);
+inline void set_state(Fiber& f, Wait s) {
+  const bool was = f.state == Wait::kRun, now = s == Wait::kRun;
+  f.state = s;
+  if (was != now) {
+    const int d = now ? 1 : -1;
+    f.blk->warps[f.warp].runnable += d;
+    f.blk->runnable += d;
+  }
 }
 
+// A new random order of the block's warps.
+inline void reprioritize(Block& b) {
+  std::shuffle(b.order.begin(), b.order.end(), rt().rng);
+}
+
+inline std::string where_str() {
+  Runtime& r = rt();
+  std::ostringstream os;
+  os << "cuda emulator: " << (r.kernel ? r.kernel : "kernel");
+  if (r.cur != nullptr) {
+    const Block& b = *r.cur->blk;
+    os << ": block (" << b.idx.x << "," << b.idx.y << "," << b.idx.z << ") thread ("
+       << r.cur->tid.x << "," << r.cur->tid.y << "," << r.cur->tid.z << ")";
+  }
+  return os.str();
+}
+
+// Fails the launch from the running thread (the message names kernel, block and thread).
 [[noreturn]] inline void fail(const std::string& what) {
   Runtime& r = rt();
-  if (!r.failed) {
-    std::ostringstream os;
-    os << "cuda emulator: block (" << r.block_idx.x << "," << r.block_idx.y << ","
-       << r.block_idx.z << ") thread (" << r.cur->tid.x << "," << r.cur->tid.y << ","
-       << r.cur->tid.z << "): " << what;
-    r.message = os.str();
-  }
+  if (r.cur == nullptr) throw Error(where_str() + ": " + what);
+  if (!r.failed) r.message = where_str() + ": " + what;
   r.failed = true;
-  r.cur->state = Wait::kDone;
+  set_state(*r.cur, Wait::kDone);
   to_scheduler(*r.cur);
   std::abort();  // never resumed
 }
 
 inline void yield() { to_scheduler(*rt().cur); }
 
-// __syncthreads: every live thread of the block. A thread that has returned counts as arrived.
-inline void release_block() {
-  Runtime& r = rt();
-  r.block_arrived = 0;
-  for (int i = 0; i < r.n; ++i)
-    if (r.fibers[i].state == Wait::kBlock) r.fibers[i].state = Wait::kRun;
-  reprioritize();
+// A spin-wait step (a flag or semaphore poll): lets every other thread run first.
+inline void poll_yield() {
+  set_state(*rt().cur, Wait::kPoll);
+  yield();
 }
 
-inline void syncthreads() {
+// ---------------------------------------------------------------------------------------------
+// Asynchronous operations.
+inline void async_finish(const std::shared_ptr<AsyncOp>& op) {
+  if (op->done) return;
   Runtime& r = rt();
-  if (++r.block_arrived == r.live) {
-    release_block();
+  op->done = true;
+  if (op->index >= 0) {  // swap-remove from the pending list
+    auto& v = r.async;
+    const int i = op->index;
+    v[i] = v.back();
+    v[i]->index = i;
+    v.pop_back();
+    op->index = -1;
+  }
+  for (const Copy& c : op->copies) {
+    std::memset(c.dst, 0, size_t(c.size));
+    if (c.bytes) std::memcpy(c.dst, c.src, size_t(c.bytes));
+  }
+  if (op->fn) op->fn();
+}
+// Issues `op` (its copies and fn filled in) from the running thread.
+inline std::shared_ptr<AsyncOp> async_start(std::shared_ptr<AsyncOp> op) {
+  op->owner = rt().cur;
+  op->index = int(rt().async.size());
+  rt().async.push_back(op);
+  return op;
+}
+// At a scheduling point: now and then one pending operation completes.
+inline void async_tick() {
+  Runtime& r = rt();
+  if (!r.async.empty() && (r.rng() & 7) == 0) {
+    auto op = r.async[r.rng() % r.async.size()];
+    async_finish(op);
+  }
+}
+// Everything the fiber issued completes (at its exit: a block retires after its copies land).
+inline void async_drain(Fiber& f) {
+  if (!f.pending.empty()) {
+    auto op = std::make_shared<AsyncOp>();
+    op->copies.swap(f.pending);
+    async_finish(async_start(op));
+  }
+  for (auto& g : f.groups) async_finish(g);
+  f.groups.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Barriers.
+inline void release_block(Block& b) {
+  b.arrived = 0;
+  for (Fiber& f : b.fibers)
+    if (f.state == Wait::kBlock) set_state(f, Wait::kRun);
+  reprioritize(b);
+}
+
+// __syncthreads: every live thread of the block. A thread that has returned counts as arrived.
+inline void syncthreads() {
+  Fiber& me = self();
+  Block& b = *me.blk;
+  if (++b.arrived == b.live) {
+    release_block(b);
     return;
   }
-  r.cur->state = Wait::kBlock;
-  r.cur->where = "__syncthreads";
+  set_state(me, Wait::kBlock);
+  me.where = "__syncthreads";
   yield();
 }
 
@@ -237,7 +391,8 @@ inline void syncthreads() {
 inline void warp_barrier(const char* kind) {
   Runtime& r = rt();
   Fiber& me = *r.cur;
-  WarpState& w = r.warps[me.warp];
+  Block& b = *me.blk;
+  WarpState& w = b.warps[me.warp];
   if (w.live != 32) fail(std::string(kind) + " in a warp with " + std::to_string(w.live) +
                          " live lanes (warp collectives need all 32 here)");
   if (w.arrived == 0) w.kind = kind;
@@ -245,12 +400,12 @@ inline void warp_barrier(const char* kind) {
     fail(std::string("divergent warp: this lane is at ") + kind + " while another is at " + w.kind);
   if (++w.arrived == 32) {
     w.arrived = 0;
-    for (int i = 32 * me.warp; i < std::min(r.n, 32 * me.warp + 32); ++i)
-      if (r.fibers[i].state == Wait::kWarp) r.fibers[i].state = Wait::kRun;
-    if (r.rng() % 16 == 0) reprioritize();  // now and then another warp gets ahead
+    for (int i = 32 * me.warp; i < std::min(b.n, 32 * me.warp + 32); ++i)
+      if (b.fibers[i].state == Wait::kWarp) set_state(b.fibers[i], Wait::kRun);
+    if (r.rng() % 16 == 0) reprioritize(b);  // now and then another warp gets ahead
     return;
   }
-  me.state = Wait::kWarp;
+  set_state(me, Wait::kWarp);
   me.where = kind;
   yield();
 }
@@ -260,9 +415,9 @@ inline void warp_barrier(const char* kind) {
 template <typename In, typename F>
 inline void warp_collective(const char* kind, const In& mine, F&& compute) {
   static_assert(sizeof(In) <= 64, "slot too small");
-  Runtime& r = rt();
-  WarpState& w = r.warps[r.cur->warp];
-  std::memcpy(w.slot[r.cur->lane], &mine, sizeof(In));
+  Fiber& me = self();
+  WarpState& w = me.blk->warps[me.warp];
+  std::memcpy(w.slot[me.lane], &mine, sizeof(In));
   warp_barrier(kind);
   compute([&](int lane) {
     In v;
@@ -272,15 +427,117 @@ inline void warp_collective(const char* kind, const In& mine, F&& compute) {
   warp_barrier(kind);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Shared memory. Dynamic: the block's guarded mapping, shared addresses [0, size). Static
+// arrays: one guarded mapping per declaration and resident slot, shared addresses from
+// kStaticWindow on; poison again whenever a new block first reaches the declaration.
+struct StaticShared {
+  size_t bytes = 0, window = 0;
+  std::vector<Region> per_slot;
+  std::vector<uint64_t> epoch;
+  const char* name = "";
+  void* get() {
+    Runtime& r = rt();
+    Block& b = *r.cur->blk;
+    if (per_slot.size() <= size_t(b.slot)) {
+      per_slot.resize(b.slot + 1);
+      epoch.resize(b.slot + 1, 0);
+    }
+    Region& reg = per_slot[b.slot];
+    if (reg.map == nullptr && !map_region(reg, bytes, 64 << 10, 64 << 10, "static __shared__ array"))
+      fail("cannot map a static shared array");
+    if (epoch[b.slot] != b.epoch) {
+      epoch[b.slot] = b.epoch;
+      std::memset(reg.base, kPoison, bytes);
+      b.statics.push_back(this);
+    }
+    return reg.base;
+  }
+};
+
+inline size_t& static_window_next() {
+  static size_t next = kStaticWindow;
+  return next;
+}
+
+// `__shared__ T name;` (build.py: `auto& name = ::emu::static_shared<T, site>();`).
+template <typename T, int Site>
+inline T& static_shared() {
+  static StaticShared s = [] {
+    StaticShared v;
+    v.bytes = sizeof(T);
+    v.window = static_window_next();
+    static_window_next() += (sizeof(T) + 127) & ~size_t(127);
+    return v;
+  }();
+  return *static_cast<T*>(s.get());
+}
+
+inline unsigned char* dyn_smem() {
+  return reinterpret_cast<unsigned char*>(self().blk->smem.base);
+}
+inline size_t dyn_smem_size() { return rt().smem_bytes; }
+
+// A shared-space address of `bytes` bytes -> host pointer; fails naming `what` if it is not
+// inside the dynamic shared memory or one static array of the running block.
+inline unsigned char* shared_ptr(uint64_t addr, size_t bytes, const char* what) {
+  Block& b = *self().blk;
+  if (addr + bytes <= rt().smem_bytes) return reinterpret_cast<unsigned char*>(b.smem.base) + addr;
+  for (StaticShared* s : b.statics)
+    if (addr >= s->window && addr + bytes <= s->window + s->bytes)
+      return reinterpret_cast<unsigned char*>(s->per_slot[b.slot].base) + (addr - s->window);
+  std::ostringstream os;
+  os << what << ": shared address " << addr << " (" << bytes << " bytes) is outside the "
+     << rt().smem_bytes << " bytes of dynamic shared memory and every static shared array";
+  fail(os.str());
+}
+
+inline uint64_t generic_to_shared(const void* p) {
+  Block& b = *self().blk;
+  const char* c = static_cast<const char*>(p);
+  if (c >= b.smem.base && c <= b.smem.base + rt().smem_bytes) return uint64_t(c - b.smem.base);
+  for (StaticShared* s : b.statics) {
+    const char* base = s->per_slot[b.slot].base;
+    if (c >= base && c <= base + s->bytes) return s->window + uint64_t(c - base);
+  }
+  fail("__cvta_generic_to_shared of " + describe_address(p) +
+       ": not in this block's shared memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel entry (build.py puts `::emu::kernel_entry(__PRETTY_FUNCTION__, <launch bounds>);` first
+// in every __global__ function): names the kernel and checks the block against
+// __launch_bounds__(max_threads).
+inline void kernel_entry(const char* name, int max_threads = 0, int = 0) {
+  Runtime& r = rt();
+  if (r.probing) {
+    r.kernel = name;
+    set_state(*r.cur, Wait::kDone);
+    to_scheduler(*r.cur);
+    std::abort();  // never resumed
+  }
+  if (r.entry_checked) return;
+  r.entry_checked = true;
+  r.kernel = name;
+  const int n = int(r.block_dim.x * r.block_dim.y * r.block_dim.z);
+  if (max_threads > 0 && n > max_threads)
+    fail("launch failed (too many resources requested): a block of " + std::to_string(n) +
+         " threads exceeds the kernel's __launch_bounds__(" + std::to_string(max_threads) + ")");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scheduler.
 inline void fiber_main() {
   Runtime& r = rt();
   r.body();
   Fiber& me = *r.cur;
-  me.state = Wait::kDone;
-  --r.live;
-  --r.warps[me.warp].live;
+  Block& b = *me.blk;
+  async_drain(me);
+  set_state(me, Wait::kDone);
+  --b.live;
+  --b.warps[me.warp].live;
   // The threads still at __syncthreads may now all have arrived.
-  if (r.live > 0 && r.block_arrived == r.live) release_block();
+  if (b.live > 0 && b.arrived == b.live) release_block(b);
   to_scheduler(me);
   std::abort();  // never resumed
 }
@@ -310,12 +567,10 @@ inline void* fresh_stack(char* stack) {
 }
 #endif
 
-inline std::string states() {
+inline std::string states(const Block& b) {
   std::ostringstream os;
-  Runtime& r = rt();
   int shown = 0;
-  for (int i = 0; i < r.n; ++i) {
-    const Fiber& f = r.fibers[i];
+  for (const Fiber& f : b.fibers) {
     if (f.state == Wait::kDone) continue;
     if (shown++ == 8) {
       os << " ...";
@@ -326,101 +581,324 @@ inline std::string states() {
   return os.str();
 }
 
-inline void run_block(const dim3& bid) {
+inline void start_fiber(Fiber& f) {
+#ifdef FASTLM_EMU_ASM_SWITCH
+  f.sp = fresh_stack(f.stack);
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack;
+  f.ctx.uc_stack.ss_size = kStack;
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, fiber_main, 0);
+#endif
+}
+
+// Makes slot b resident with block `bid` (n threads).
+inline void start_block(Block& b, const dim3& bid, int n) {
   Runtime& r = rt();
-  r.block_idx = bid;
-  const int n = int(r.block_dim.x * r.block_dim.y * r.block_dim.z);
-  std::fill(r.smem.begin(), r.smem.end(), 0xFF);
-  r.warps.assign((n + 31) / 32, WarpState{});
-  r.n = n;
-  r.live = n;
-  r.block_arrived = 0;
+  b.active = true;
+  b.idx = bid;
+  b.epoch = ++r.epochs;
+  b.n = n;
+  b.live = n;
+  b.arrived = 0;
+  b.runnable = 0;
+  b.statics.clear();
+  std::memset(b.smem.base, kPoison, r.smem_bytes);
+  b.warps.assign((n + 31) / 32, WarpState{});
+  b.order.resize(b.warps.size());
+  for (size_t i = 0; i < b.order.size(); ++i) b.order[i] = int(i);
+  reprioritize(b);
+  if (b.fibers.size() < size_t(n)) {
+    const size_t old = b.fibers.size();
+    b.fibers.resize(n);
+    for (size_t i = old; i < size_t(n); ++i) b.fibers[i].stack = new char[kStack];
+  }
   for (int i = 0; i < n; ++i) {
-    Fiber& f = r.fibers[i];
+    Fiber& f = b.fibers[i];
+    f.blk = &b;
     f.linear = i;
     f.tid = dim3(i % r.block_dim.x, (i / r.block_dim.x) % r.block_dim.y,
                  i / (r.block_dim.x * r.block_dim.y));
     f.warp = i / 32;
     f.lane = i % 32;
-    f.state = Wait::kRun;
+    f.state = Wait::kDone;
+    set_state(f, Wait::kRun);
     f.where = "start";
     f.pending.clear();
     f.groups.clear();
-    r.warps[f.warp].live++;
-#ifdef FASTLM_EMU_ASM_SWITCH
-    f.sp = fresh_stack(f.stack);
-#else
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = kStack;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_main, 0);
-#endif
+    b.warps[f.warp].live++;
+    start_fiber(f);
   }
-  r.priority.resize(r.warps.size());
-  reprioritize();
-  for (;;) {
-    // Run one thread of the most favoured warp that has a runnable one: warps run ahead of each
-    // other as far as the barriers allow, in an order redrawn at every barrier release.
-    Fiber* next = nullptr;
-    int best = 1 << 30, ties = 0;
-    bool all_done = true;
-    for (int i = 0; i < n; ++i) {
-      Fiber& f = r.fibers[i];
-      if (f.state != Wait::kDone) all_done = false;
-      if (f.state != Wait::kRun) continue;
-      const int pr = r.priority[f.warp];
-      if (pr < best) {
-        best = pr;
-        next = &f;
-        ties = 1;
-      } else if (pr == best && r.rng() % uint64_t(++ties) == 0) {
-        next = &f;  // a uniform pick among the favoured warp's runnable lanes
+}
+
+// After a block retired: its shared memory's slack is untouched and it fits the limits.
+inline void finish_block(Block& b) {
+  Runtime& r = rt();
+  b.active = false;
+  auto where = [&] {
+    std::ostringstream os;
+    os << "cuda emulator: " << (r.kernel ? r.kernel : "kernel") << ": block (" << b.idx.x << ","
+       << b.idx.y << "," << b.idx.z << ")";
+    return os.str();
+  };
+  if (const char* p = canary_broken(b.smem)) {
+    const std::string msg = describe_address(p);
+    fill_canary(b.smem);  // reported once
+    throw Error(where() + " wrote outside its dynamic shared memory: " + msg);
+  }
+  for (StaticShared* s : b.statics)
+    if (const char* p = canary_broken(s->per_slot[b.slot])) {
+      const std::string msg = describe_address(p);
+      fill_canary(s->per_slot[b.slot]);
+      throw Error(where() + " wrote outside a static shared array: " + msg);
+    }
+  size_t static_bytes = 0;
+  for (StaticShared* s : b.statics) static_bytes += s->bytes;
+  if (static_bytes > 48 * 1024)
+    throw Error(where() + ": " + std::to_string(static_bytes) +
+                " bytes of static shared memory (at most 49152)");
+  if (static_bytes + r.smem_bytes > size_t(min_smem_optin()))
+    throw Error(where() + ": " + std::to_string(static_bytes) + " bytes of static and " +
+                std::to_string(r.smem_bytes) + " of dynamic shared memory exceed the " +
+                std::to_string(min_smem_optin()) + " bytes per block of " + archs_str());
+}
+
+// Picks the next thread to run: in a block chosen at random now and then (interleaving), the
+// most favoured warp with a runnable thread, a uniform runnable lane of it. Spin-waiting threads
+// only when nothing else can run.
+inline Fiber* pick(Block*& cur, std::vector<Block*>& active) {
+  Runtime& r = rt();
+  if (cur == nullptr || cur->runnable == 0 || (active.size() > 1 && (r.rng() & 7) == 0)) {
+    cur = nullptr;
+    int any = 0;
+    for (Block* b : active)
+      if (b->runnable > 0 && r.rng() % uint64_t(++any) == 0) cur = b;
+    if (cur == nullptr) return nullptr;
+  }
+  for (int w : cur->order) {
+    WarpState& ws = cur->warps[w];
+    if (ws.runnable == 0) continue;
+    int k = int(r.rng() % uint64_t(ws.runnable));
+    for (int i = 32 * w; i < std::min(cur->n, 32 * w + 32); ++i)
+      if (cur->fibers[i].state == Wait::kRun && k-- == 0) return &cur->fibers[i];
+  }
+  std::abort();  // runnable counts out of sync
+}
+
+// Runs every block of the launch (in `order`), `concurrent` at a time.
+inline void run_blocks(const std::vector<dim3>& order, int n) {
+  Runtime& r = rt();
+  size_t next = 0;
+  std::vector<Block*> active;
+  const int slots = std::max(1, std::min<int>(r.concurrent, int(order.size())));
+  auto admit = [&](Block& b) {
+    start_block(b, order[next++], n);
+    active.push_back(&b);
+  };
+  for (int s = 0; s < slots && next < order.size(); ++s) admit(*r.blocks[s]);
+  Block* cur = nullptr;
+  int idle_polls = 0;
+  while (!active.empty()) {
+    async_tick();
+    Fiber* f = pick(cur, active);
+    if (f == nullptr) {
+      // Nothing runnable: spin-waiting threads get another turn (and, if only they are left,
+      // another block becomes resident), else the block is deadlocked.
+      bool polling = false;
+      for (Block* b : active)
+        for (int i = 0; i < b->n; ++i)
+          if (b->fibers[i].state == Wait::kPoll) {
+            set_state(b->fibers[i], Wait::kRun);
+            polling = true;
+          }
+      if (polling) {
+        if (++idle_polls == 64 && next < order.size()) {
+          idle_polls = 0;
+          auto blk = std::make_unique<Block>();
+          blk->slot = int(r.blocks.size());
+          if (!map_region(blk->smem, r.smem_bytes, 64 << 10, 256 << 10, "dynamic shared memory"))
+            throw Error("cuda emulator: cannot map shared memory");
+          r.blocks.push_back(std::move(blk));
+          admit(*r.blocks.back());
+        } else if (idle_polls > 1000000) {
+          throw Error(where_str() + ": deadlock: every live thread spin-waits");
+        }
+        continue;
+      }
+      for (Block* b : active)
+        if (b->live > 0) {
+          std::ostringstream os;
+          os << where_str() << ": deadlock in block (" << b->idx.x << "," << b->idx.y << ","
+             << b->idx.z << "): threads wait at different barriers:" << states(*b);
+          throw Error(os.str());
+        }
+    } else {
+      if (f->state == Wait::kRun) idle_polls = 0;
+      r.cur = f;
+      to_fiber(*f);
+      r.cur = nullptr;
+      if (r.failed) throw Error(r.message);
+    }
+    for (size_t i = 0; i < active.size();) {
+      Block* b = active[i];
+      if (b->live == 0) {
+        finish_block(*b);
+        if (cur == b) cur = nullptr;
+        if (next < order.size()) {
+          start_block(*b, order[next++], n);
+          ++i;
+        } else {
+          active.erase(active.begin() + i);
+        }
+      } else {
+        ++i;
       }
     }
-    if (all_done) break;
-    if (next == nullptr) {
-      std::ostringstream os;
-      os << "cuda emulator: deadlock in block (" << bid.x << "," << bid.y << "," << bid.z
-         << "): threads wait at different barriers:" << states();
-      throw Error(os.str());
-    }
-    r.cur = next;
-    to_fiber(*next);
-    r.cur = nullptr;
-    if (r.failed) throw Error(r.message);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Global memory faults: while a kernel runs, SIGSEGV in a thread fails the launch.
+inline struct sigaction& old_segv() {
+  static struct sigaction a;
+  return a;
+}
+
+inline void on_segv(int sig, siginfo_t* si, void* uc) {
+  Runtime& r = rt();
+  if (r.cur == nullptr) {  // not in a kernel: the previous handler's business
+    sigaction(SIGSEGV, &old_segv(), nullptr);
+    return;
+  }
+  (void)sig;
+  bool write = false;
+#if defined(__x86_64__)
+  write = (static_cast<ucontext_t*>(uc)->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#else
+  (void)uc;
+#endif
+  fail(std::string("invalid ") + (write ? "write" : "read") + " at " +
+       describe_address(si->si_addr));
+}
+
+struct SegvScope {
+  SegvScope() {
+    struct sigaction a;
+    std::memset(&a, 0, sizeof(a));
+    a.sa_sigaction = on_segv;
+    a.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&a.sa_mask);
+    sigaction(SIGSEGV, &a, &old_segv());
+  }
+  ~SegvScope() { sigaction(SIGSEGV, &old_segv(), nullptr); }
+};
+
+// After a launch: no global allocation's slack was written.
+inline void check_global_canaries() {
+  for (auto& kv : regions()) {
+    const Region& g = *kv.second;
+    if (std::strcmp(g.kind, "global allocation") != 0) continue;
+    if (const char* p = canary_broken(g)) {
+      const std::string msg = describe_address(p);
+      fill_canary(g);  // reported once
+      throw Error(std::string("cuda emulator: ") + (rt().kernel ? rt().kernel : "kernel") +
+                  " wrote outside a global allocation: " + msg);
+    }
+  }
+}
+
+inline int opted_in(const void* kernel) {
+  for (auto& kv : rt().max_dyn_smem)
+    if (kv.first == kernel) return kv.second;
+  return 0;
+}
+
+// The driver's launch checks; "" when the launch is valid.
+inline std::string launch_error(const void* kernel, dim3 grid, dim3 block, size_t smem) {
+  std::ostringstream os;
+  const uint64_t n = uint64_t(block.x) * block.y * block.z;
+  if (block.x == 0 || block.y == 0 || block.z == 0 || block.x > 1024 || block.y > 1024 ||
+      block.z > 64 || n > 1024)
+    os << "invalid configuration: block (" << block.x << "," << block.y << "," << block.z
+       << ") (at most 1024 threads, x and y <= 1024, z <= 64)";
+  else if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u ||
+           grid.y > 65535 || grid.z > 65535)
+    os << "invalid configuration: grid (" << grid.x << "," << grid.y << "," << grid.z
+       << ") (x in [1, 2^31-1], y and z in [1, 65535])";
+  else if (smem > size_t(min_smem_optin()))
+    os << smem << " bytes of dynamic shared memory exceed the " << min_smem_optin()
+       << " bytes per block of " << archs_str();
+  else if (smem > 48 * 1024 && size_t(opted_in(kernel)) < smem)
+    os << "too many resources requested: " << smem << " bytes of dynamic shared memory need "
+       << "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, >= " << smem
+       << ") first (the kernel's opt-in is " << opted_in(kernel) << ")";
+  return os.str();
 }
 
 // Runs kernel(args...) over the grid; returns after every block has finished.
 template <typename F>
-inline void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& body) {
+inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, F&& body) {
   Runtime& r = rt();
   if (!r.seeded) {
     const char* s = std::getenv("FASTLM_EMU_SEED");
     r.rng.seed(s ? std::strtoull(s, nullptr, 10) : 0x5eedULL);
     r.seeded = true;
   }
-  const int n = int(block.x * block.y * block.z);
-  if (n <= 0 || n > 1024) throw Error("cuda emulator: block of " + std::to_string(n) + " threads");
-  if (smem_bytes > 227 * 1024)
-    throw Error("cuda emulator: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory");
-  if (grid.y > 65535 || grid.z > 65535) throw Error("cuda emulator: grid y/z above 65535");
-  if (r.fibers.size() < size_t(n)) {
-    const size_t old = r.fibers.size();
-    r.fibers.resize(n);
-    for (size_t i = old; i < size_t(n); ++i) r.fibers[i].stack = new char[kStack];
-  }
-  r.grid_dim = grid;
-  r.block_dim = block;
-  r.smem.assign(smem_bytes, 0xFF);
   r.body = std::forward<F>(body);
   r.failed = false;
   r.message.clear();
+  r.kernel = nullptr;
+  r.entry_checked = false;
+  r.grid_dim = grid;
+  r.block_dim = block;
+  const int n = int(uint64_t(block.x) * block.y * block.z);
+  const std::string bad = launch_error(kernel, grid, block, smem_bytes);
+  struct Reset {
+    ~Reset() {
+      Runtime& r = rt();
+      r.body = nullptr;
+      r.probing = false;
+      r.cur = nullptr;
+      r.async.clear();
+      for (auto& b : r.blocks) unmap_region(b->smem);
+      r.blocks.resize(std::min<size_t>(r.blocks.size(), 2));
+    }
+  } reset;
+  const int slots = std::max(1, std::min<int>(r.concurrent, int(uint64_t(grid.x) * grid.y *
+                                                                 grid.z)));
+  while (r.blocks.size() < size_t(slots)) {
+    r.blocks.push_back(std::make_unique<Block>());
+    r.blocks.back()->slot = int(r.blocks.size()) - 1;
+  }
+  r.smem_bytes = bad.empty() ? smem_bytes : 0;
+  for (auto& b : r.blocks)
+    if (!map_region(b->smem, r.smem_bytes, 64 << 10, 256 << 10, "dynamic shared memory"))
+      throw Error("cuda emulator: cannot map shared memory");
+  if (!bad.empty()) {
+    // Name the kernel: one thread runs up to kernel_entry.
+    r.probing = true;
+    r.block_dim = dim3(1, 1, 1);
+    start_block(*r.blocks[0], dim3(0, 0, 0), 1);
+    r.cur = &r.blocks[0]->fibers[0];
+    to_fiber(*r.cur);
+    r.cur = nullptr;
+    throw Error(std::string("cuda emulator: launch of ") + (r.kernel ? r.kernel : "a kernel") +
+                " with grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
+                std::to_string(grid.z) + "), block (" + std::to_string(block.x) + "," +
+                std::to_string(block.y) + "," + std::to_string(block.z) + ") failed: " + bad);
+  }
+  std::vector<dim3> order;
+  order.reserve(size_t(grid.x) * grid.y * grid.z);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) run_block(dim3(x, y, z));
-  r.body = nullptr;
+      for (unsigned x = 0; x < grid.x; ++x) order.emplace_back(x, y, z);
+  std::shuffle(order.begin(), order.end(), r.rng);
+  {
+    SegvScope segv;
+    run_blocks(order, n);
+  }
+  check_global_canaries();
 }
 
 template <typename K>
@@ -432,7 +910,8 @@ struct Launch {
   void operator()(A&&... args) const {
     K k = kernel;
     auto tup = std::make_tuple(args...);  // kernel parameters are copied, as on the device
-    launch(grid, block, smem, [k, tup]() { std::apply(k, tup); });
+    launch(reinterpret_cast<const void*>(kernel), grid, block, smem,
+           [k, tup]() { std::apply(k, tup); });
   }
 };
 
@@ -442,14 +921,12 @@ inline Launch<K> make_launch(K kernel, G grid, B block, size_t smem = 0,
   return Launch<K>{kernel, dim3(grid), dim3(block), smem};
 }
 
-inline unsigned char* dyn_smem() { return rt().smem.data(); }
-
 }  // namespace emu
 
 // ---------------------------------------------------------------------------------------------
 // Built-in variables and device functions.
 #define threadIdx (::emu::self().tid)
-#define blockIdx (::emu::rt().block_idx)
+#define blockIdx (::emu::self().blk->idx)
 #define blockDim (::emu::rt().block_dim)
 #define gridDim (::emu::rt().grid_dim)
 
@@ -499,13 +976,7 @@ inline std::common_type_t<A, B> max(A a, B b) {
   return a < b ? b : a;
 }
 
-inline size_t __cvta_generic_to_shared(const void* p) {
-  auto& s = emu::rt().smem;
-  const auto* c = static_cast<const unsigned char*>(p);
-  if (s.empty() || c < s.data() || c > s.data() + s.size())
-    emu::fail("__cvta_generic_to_shared of a pointer outside the dynamic shared memory");
-  return size_t(c - s.data());
-}
+inline size_t __cvta_generic_to_shared(const void* p) { return emu::generic_to_shared(p); }
 
 // ---------------------------------------------------------------------------------------------
 // Host API.
@@ -515,12 +986,24 @@ enum cudaDeviceAttr {
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
-// The emulated device is an H100 SXM: 132 SMs, 227 KiB of opt-in shared memory per block.
+// The emulated device has 132 SMs (an H100 SXM) and, per block, the shared memory of the
+// smallest target arch (every target must be able to run the launch).
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? 132 : 227 * 1024;
+  *v = a == cudaDevAttrMultiProcessorCount ? 132 : emu::min_smem_optin();
   return cudaSuccess;
 }
-inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      value > emu::min_smem_optin())
+    return cudaErrorInvalidValue;
+  for (auto& kv : emu::rt().max_dyn_smem)
+    if (kv.first == kernel) {
+      kv.second = value;
+      return cudaSuccess;
+    }
+  emu::rt().max_dyn_smem.emplace_back(kernel, value);
+  return cudaSuccess;
+}
 template <typename K>
 inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int threads, size_t) {
   *n = std::max(1, 2048 / std::max(threads, 1));
