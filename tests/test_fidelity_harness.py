@@ -479,6 +479,23 @@ def prop_varlen(data):
                  f"backend={backend}")
 
 
+def _masks_for(kwargs, oracle):
+    """The forward's keyword arguments, floating masks in float64 for the oracle."""
+    return {k: (v.double() if oracle and isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v) for k, v in kwargs.items()}
+
+
+def _module_differential(run, fl_m, ref, inputs, backend, dtype, what):
+    """run(module, inputs, oracle) on the fastlm module, torch's, and a float64 copy of
+    torch's (the oracle), compared by `differential`."""
+    def fl():
+        with _use(backend, dtype):
+            return run(fl_m, _twin_inputs(inputs))
+
+    differential(fl, lambda: run(ref, _twin_inputs(inputs)),
+                 lambda: run(copy.deepcopy(ref).double(), _twin_inputs(inputs, F64), True), what)
+
+
 def prop_multihead_attention(data):
     E = data.draw(st.sampled_from([8, 12, 16]), label="embed_dim")
     H = data.draw(st.sampled_from([h for h in (1, 2, 4) if E % h == 0]), label="heads")
@@ -551,8 +568,7 @@ def prop_multihead_attention(data):
         qq = ts[0]
         kk = qq if cross == "self" else ts[1]
         vv = kk if cross in ("self", "kv-same") else ts[2]
-        kw2 = {k_: (v_.double() if oracle and isinstance(v_, torch.Tensor)
-                    and v_.is_floating_point() else v_) for k_, v_ in fkw.items()}
+        kw2 = _masks_for(fkw, oracle)
         out, w = m(qq, kk, vv, **kw2)
         if empty.any():
             # rows with no key: fastlm zeros where torch may give NaN (docs/fidelity.md)
@@ -568,15 +584,11 @@ def prop_multihead_attention(data):
         params = list(m.parameters())
         return _grads((out, w), [qq] + ([] if cross == "self" else [kk]) + params, seed + 4)
 
-    def fl():
-        with _use(backend, dtype):
-            return run(fl_m, _twin_inputs(inputs))
-
-    differential(fl, lambda: run(ref, _twin_inputs(inputs)),
-                 lambda: run(copy.deepcopy(ref).double(), _twin_inputs(inputs, F64), True),
-                 f"MultiheadAttention({E}, {H}, {kw}) {dtype} {cross} batched={batched} "
-                 f"N={N} L={L} S={S} masks={mkind} {fkw.get('is_causal', '')} "
-                 f"need_weights={need_weights} train={training} via={via} backend={backend}")
+    _module_differential(
+        run, fl_m, ref, inputs, backend, dtype,
+        f"MultiheadAttention({E}, {H}, {kw}) {dtype} {cross} batched={batched} N={N} L={L} "
+        f"S={S} masks={mkind} {fkw.get('is_causal', '')} need_weights={need_weights} "
+        f"train={training} via={via} backend={backend}")
 
 
 def prop_transformer(data):
@@ -644,8 +656,7 @@ def prop_transformer(data):
         ss, tt = ts
         args = ((ss,) if kind in ("EncoderLayer", "Encoder") else
                 (ss, tt) if kind == "Transformer" else (tt, ss))
-        kw2 = {k_: (v_.double() if oracle and isinstance(v_, torch.Tensor)
-                    and v_.is_floating_point() else v_) for k_, v_ in fkw.items()}
+        kw2 = _masks_for(fkw, oracle)
         if no_grad:  # torch's inference fast path, where it takes it
             with torch.no_grad():
                 out = m(*args, **kw2)
@@ -657,14 +668,10 @@ def prop_transformer(data):
             return out
         return _grads(m(*args, **kw2), list(ts) + list(m.parameters()), seed + 3)
 
-    def fl():
-        with _use(backend, dtype):
-            return run(fl_m, _twin_inputs(inputs))
-
-    differential(fl, lambda: run(ref, _twin_inputs(inputs)),
-                 lambda: run(copy.deepcopy(ref).double(), _twin_inputs(inputs, F64), True),
-                 f"Transformer{kind}(d={d}, nhead={nhead}, {lkw}) {dtype} N={N} T={T} M={M} "
-                 f"masks={masks} train={training} no_grad={no_grad} backend={backend}")
+    _module_differential(
+        run, fl_m, ref, inputs, backend, dtype,
+        f"Transformer{kind}(d={d}, nhead={nhead}, {lkw}) {dtype} N={N} T={T} M={M} "
+        f"masks={masks} train={training} no_grad={no_grad} backend={backend}")
 
 
 def prop_module_state_and_copies(data):

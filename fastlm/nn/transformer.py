@@ -163,13 +163,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             a = self._sa(x, src_mask, src_key_padding_mask, is_causal)
             x = add_norm(a, x, self.norm1, self.dropout1)[0]
             return add_norm(self._ff(x), x, self.norm2, self.dropout2)[0]
-        if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
-            x = x + self._ff_block(self.norm2(x))
-        else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
-            x = self.norm2(x + self._ff_block(x))
-        return x
+        return self._unfused(x, src_mask, src_key_padding_mask, is_causal)
 
     def _scripted_forward(self, src: Tensor, src_mask: Optional[Tensor],
                           src_key_padding_mask: Optional[Tensor], is_causal: bool) -> Tensor:
@@ -181,7 +175,11 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             other_type=F._none_or_dtype(src_mask), other_name="src_mask", target_type=src.dtype)
         src_mask = F._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None,
                                      other_name="", target_type=src.dtype, check_other=False)
-        x = src
+        return self._unfused(src, src_mask, src_key_padding_mask, is_causal)
+
+    def _unfused(self, x: Tensor, src_mask: Optional[Tensor],
+                 src_key_padding_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        """The layer's definition, block by block (torch's slow path)."""
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
             x = x + self._ff_block(self.norm2(x))
@@ -246,10 +244,9 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
                 tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None,
                 tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles this branch only
-            return self._scripted_forward(tgt, memory, tgt_mask, memory_mask,
-                                          tgt_key_padding_mask, memory_key_padding_mask,
-                                          tgt_is_causal, memory_is_causal)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's layer
+            return self._unfused(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                                 memory_key_padding_mask, tgt_is_causal, memory_is_causal)
         _check_not_nested(tgt, "fastlm.nn.TransformerDecoderLayer", "tgt")
         x = tgt
         norms, drops = (self.norm1, self.norm2, self.norm3), (self.dropout1, self.dropout2,
@@ -267,24 +264,14 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
             a = self._mha(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
             x = add_norm(a, x, self.norm2, self.dropout2)[0]
             return add_norm(self._ff(x), x, self.norm3, self.dropout3)[0]
-        if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
-            x = x + self._mha_block(self.norm2(x), memory, memory_mask,
-                                    memory_key_padding_mask, memory_is_causal)
-            x = x + self._ff_block(self.norm3(x))
-        else:
-            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
-            x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask,
-                                               memory_is_causal))
-            x = self.norm3(x + self._ff_block(x))
-        return x
+        return self._unfused(x, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                             memory_key_padding_mask, tgt_is_causal, memory_is_causal)
 
-    def _scripted_forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor],
-                          memory_mask: Optional[Tensor], tgt_key_padding_mask: Optional[Tensor],
-                          memory_key_padding_mask: Optional[Tensor], tgt_is_causal: bool,
-                          memory_is_causal: bool) -> Tensor:
-        """torch's layer, unfused, for TorchScript (the submodules scripted as theirs)."""
-        x = tgt
+    def _unfused(self, x: Tensor, memory: Tensor, tgt_mask: Optional[Tensor],
+                 memory_mask: Optional[Tensor], tgt_key_padding_mask: Optional[Tensor],
+                 memory_key_padding_mask: Optional[Tensor], tgt_is_causal: bool,
+                 memory_is_causal: bool) -> Tensor:
+        """The layer's definition, block by block (torch's slow path)."""
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
             x = x + self._mha_block(self.norm2(x), memory, memory_mask,
