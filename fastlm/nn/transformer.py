@@ -346,13 +346,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
             mask, "mask", src_key_padding_mask, "src_key_padding_mask", src.dtype)
         batch_first = self.layers[0].self_attn.batch_first
         is_causal = _detect_causal(mask, is_causal, _seq_len(src, batch_first))
-        output = src
-        for mod in self.layers:
-            output = mod(output, src_mask=mask, is_causal=is_causal,
-                         src_key_padding_mask=src_key_padding_mask)
-        if self.norm is not None:
-            output = self.norm(output)
-        return output
+        return self._layers(src, mask, src_key_padding_mask, is_causal)
 
     def _scripted_forward(self, src: Tensor, mask: Optional[Tensor],
                           src_key_padding_mask: Optional[Tensor],
@@ -365,9 +359,13 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
                                  target_type=src.dtype, check_other=False)
         causal = _detect_is_causal_mask(mask, is_causal,
                                         _get_seq_len(src, self.layers[0].self_attn.batch_first))
-        output = src
+        return self._layers(src, mask, src_key_padding_mask, causal)
+
+    def _layers(self, output: Tensor, mask: Optional[Tensor],
+                src_key_padding_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        """The layers, then the final norm."""
         for mod in self.layers:
-            output = mod(output, src_mask=mask, is_causal=causal,
+            output = mod(output, src_mask=mask, is_causal=is_causal,
                          src_key_padding_mask=src_key_padding_mask)
         if self.norm is not None:
             output = self.norm(output)
@@ -400,29 +398,29 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
         _check_not_nested(tgt, "fastlm.nn.TransformerDecoder", "tgt")
         batch_first = self.layers[0].self_attn.batch_first
         tgt_is_causal = _detect_causal(tgt_mask, tgt_is_causal, _seq_len(tgt, batch_first))
-        output = tgt
-        for mod in self.layers:
-            output = mod(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                         tgt_key_padding_mask=tgt_key_padding_mask,
-                         memory_key_padding_mask=memory_key_padding_mask,
-                         tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
-        if self.norm is not None:
-            output = self.norm(output)
-        return output
+        return self._layers(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                            memory_key_padding_mask, tgt_is_causal, memory_is_causal)
 
     def _scripted_forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor],
                           memory_mask: Optional[Tensor], tgt_key_padding_mask: Optional[Tensor],
                           memory_key_padding_mask: Optional[Tensor],
                           tgt_is_causal: Optional[bool], memory_is_causal: bool) -> Tensor:
-        """torch's decoder, for TorchScript."""
+        """torch's decoder, for TorchScript (torch's causal-mask detection)."""
         causal = _detect_is_causal_mask(
             tgt_mask, tgt_is_causal, _get_seq_len(tgt, self.layers[0].self_attn.batch_first))
-        output = tgt
+        return self._layers(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                            memory_key_padding_mask, causal, memory_is_causal)
+
+    def _layers(self, output: Tensor, memory: Tensor, tgt_mask: Optional[Tensor],
+                memory_mask: Optional[Tensor], tgt_key_padding_mask: Optional[Tensor],
+                memory_key_padding_mask: Optional[Tensor], tgt_is_causal: bool,
+                memory_is_causal: bool) -> Tensor:
+        """The layers, then the final norm."""
         for mod in self.layers:
             output = mod(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
                          tgt_key_padding_mask=tgt_key_padding_mask,
                          memory_key_padding_mask=memory_key_padding_mask,
-                         tgt_is_causal=causal, memory_is_causal=memory_is_causal)
+                         tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
         if self.norm is not None:
             output = self.norm(output)
         return output
