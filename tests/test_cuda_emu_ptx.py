@@ -46,23 +46,19 @@ extern "C" __global__ void k_cp_async(const float4* g, int valid) {
   sink[threadIdx.x] = s[threadIdx.x ^ 1].x + s[32 + (threadIdx.x ^ 3)].y;
 }
 
-extern "C" __global__ void k_ldsm_x4(int off) {
+template <bool TRANS>
+__device__ void ldsm_probe(int off) {
   __shared__ __align__(16) uint16_t s[32 * 8];
   s[threadIdx.x] = uint16_t(threadIdx.x);
   __syncthreads();
   uint32_t r[4];
-  ldsm_x4(r, smem_u32(s + 8 * ((threadIdx.x + off) & 31)));
+  const uint32_t addr = smem_u32(s + 8 * ((threadIdx.x + off) & 31));
+  if (TRANS) ldsm_x4_t(r, addr);
+  else ldsm_x4(r, addr);
   usink[threadIdx.x] = r[0] ^ r[1] ^ r[2] ^ r[3];
 }
-
-extern "C" __global__ void k_ldsm_x4_t(int off) {
-  __shared__ __align__(16) uint16_t s[32 * 8];
-  s[threadIdx.x] = uint16_t(threadIdx.x);
-  __syncthreads();
-  uint32_t r[4];
-  ldsm_x4_t(r, smem_u32(s + 8 * ((threadIdx.x + off) & 31)));
-  usink[threadIdx.x] = r[0] ^ r[1] ^ r[2] ^ r[3];
-}
+extern "C" __global__ void k_ldsm_x4(int off) { ldsm_probe<false>(off); }
+extern "C" __global__ void k_ldsm_x4_t(int off) { ldsm_probe<true>(off); }
 
 template <typename T>
 __device__ void mma_probe(const uint32_t* in) {

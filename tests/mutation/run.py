@@ -132,7 +132,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--commit", help="a git commit to mutate (default: the working tree)")
     ap.add_argument("--label", help="work folder name under build/mutation")
-    ap.add_argument("--only", default="", help="faults whose name starts with this")
+    ap.add_argument("--only", default="", help="faults whose name starts with one of these "
+                    "(comma-separated)")
     ap.add_argument("--out", type=Path, help="JSON results file")
     ap.add_argument("--timeout", type=float, default=1500, help="seconds per mutant's tests")
     a = ap.parse_args(argv)
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
         print(f"the unmutated tree does not build:\n{log}", file=sys.stderr)
         return 2
     results = []
-    faults = [f for f in FAULTS if f.name.startswith(a.only)]
+    faults = [f for f in FAULTS if f.name.startswith(tuple(a.only.split(",")))]
     for f in faults:
         t0 = time.time()
         applied = apply(tree, f)
