@@ -207,13 +207,16 @@ def differential(fl_fn, torch_fn, oracle_fn, what, exempt=None, floor_dtype=None
     return f
 
 
-def _grads(out, inputs, dy_seed):
-    """(out, *grads of the inputs that require grad) for a random cotangent."""
+def _grads(out, inputs, dy_seed, dtype):
+    """(out, *grads of the inputs that require grad) for a random cotangent, drawn in the
+    case's `dtype` on every side (the oracle's cotangent holds the same, rounded, values)."""
     outs = [o for o in _flat(out) if o.requires_grad]
     wrt = [t for t in inputs if t is not None and t.requires_grad]
     if not outs or not wrt:
         return (out,)
-    dys = [_values(o.shape, o.dtype, dy_seed + i) for i, o in enumerate(outs)]
+    if not (dtype.is_floating_point or dtype.is_complex):
+        dtype = F32
+    dys = [_values(o.shape, dtype, dy_seed + i).to(o.dtype) for i, o in enumerate(outs)]
     gs = torch.autograd.grad(outs, wrt, dys, allow_unused=True)
     return (out, *[torch.zeros_like(w) if g is None else g for w, g in zip(wrt, gs)])
 
@@ -261,9 +264,9 @@ def prop_layer_norm(data):
             with torch.no_grad():
                 m.weight = torch.nn.Parameter(ww.detach().clone(), ww.requires_grad)
                 m.bias = torch.nn.Parameter(bb.detach().clone(), bb.requires_grad)
-            return _grads(m(xx), [xx, m.weight, m.bias], seed + 3)
+            return _grads(m(xx), [xx, m.weight, m.bias], seed + 3, dtype)
         f = F.layer_norm if fn is torch.nn.LayerNorm else fastlm.layer_norm
-        return _grads(f(xx, given_ns, ww, bb, eps), [xx, ww, bb], seed + 3)
+        return _grads(f(xx, given_ns, ww, bb, eps), [xx, ww, bb], seed + 3, dtype)
 
     def fl():
         with _use(backend, dtype):
@@ -298,13 +301,13 @@ def prop_add_layer_norm(data):
     def composition(ts):  # the eager torch code add_layer_norm replaces (dropout 0)
         xx, rr, ww, bb = ts
         summed = rr + xx
-        return _grads((F.layer_norm(summed, ns, ww, bb), summed), ts, seed + 4)
+        return _grads((F.layer_norm(summed, ns, ww, bb), summed), ts, seed + 4, dtype)
 
     def fl():
         ts = _twin_inputs(inputs)
         with _use(backend, dtype):
             out, summed = fastlm.add_layer_norm(ts[0], ts[1], ns, ts[2], ts[3], dropout_p=0.0)
-        return _grads((out, summed), ts, seed + 4)
+        return _grads((out, summed), ts, seed + 4, dtype)
 
     differential(fl, lambda: composition(_twin_inputs(inputs)),
                  lambda: composition(_twin_inputs(inputs, F64)),
@@ -406,7 +409,7 @@ def prop_sdpa(data):
             # rows that attend to nothing (docs/fidelity.md, "Attention: rows with no key"):
             # zeros on fastlm, zeros or NaN on torch's paths; compared as zeros, no gradients
             return out.masked_fill(empty.unsqueeze(-1), 0.0).detach()
-        return _grads(out, ts, seed + 7) if grads else out
+        return _grads(out, ts, seed + 7, q.dtype) if grads else out
 
     def fl():
         ts = _twin_inputs(inputs)
@@ -464,14 +467,14 @@ def prop_varlen(data):
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed.unsqueeze(1),
                                            enable_gqa=gqa)
         out = torch.cat([o[i, :, :lq[i]].transpose(0, 1) for i in range(n)])
-        return out if empty else _grads(out, ts, seed + 3)
+        return out if empty else _grads(out, ts, seed + 3, dtype)
 
     def fl():
         ts = _twin_inputs(inputs)
         with _use(backend, dtype):
             out = fastlm.varlen_attention(ts[0], ts[1], ts[2], cq, ck, mq, mk, is_causal=causal,
                                           enable_gqa=gqa)
-        return out if empty else _grads(out, ts, seed + 3)
+        return out if empty else _grads(out, ts, seed + 3, dtype)
 
     differential(fl, lambda: padded(_twin_inputs(inputs)),
                  lambda: padded(_twin_inputs(inputs, F64)),
@@ -582,7 +585,8 @@ def prop_multihead_attention(data):
             out = out.masked_fill(sel.expand_as(out), 0.0)
             return out, None
         params = list(m.parameters())
-        return _grads((out, w), [qq] + ([] if cross == "self" else [kk]) + params, seed + 4)
+        wrt = [qq] + ([] if cross == "self" else [kk]) + params
+        return _grads((out, w), wrt, seed + 4, dtype)
 
     _module_differential(
         run, fl_m, ref, inputs, backend, dtype,
@@ -666,7 +670,7 @@ def prop_transformer(data):
                 at = pad if lkw["batch_first"] else pad.t()
                 out = out.masked_fill(at.unsqueeze(-1), 0.0)
             return out
-        return _grads(m(*args, **kw2), list(ts) + list(m.parameters()), seed + 3)
+        return _grads(m(*args, **kw2), list(ts) + list(m.parameters()), seed + 3, dtype)
 
     _module_differential(
         run, fl_m, ref, inputs, backend, dtype,
@@ -853,6 +857,8 @@ def _copied(how, fl, fl_ps, t, t_ps, fl_cls, t_cls):
         sd = copy.deepcopy(fl.state_dict())
         t2 = t_cls(t.param_groups, **_ctor_options(t))
         t2.load_state_dict(sd)
+        for g in t2.param_groups:  # the groups came from fastlm (fused=None): torch's twin's
+            g["fused"], g["foreach"] = t.defaults["fused"], t.defaults["foreach"]
         return fl, fl_ps, t2, t_ps
     sd = copy.deepcopy(t.state_dict())  # torch's checkpoint continues in fastlm
     fl2 = fl_cls(fl.param_groups, max_grad_norm=fl.max_grad_norm,
@@ -943,7 +949,8 @@ def test_long_profile(prop):
                                     phases=[Phase.generate, Phase.shrink], **_COMMON))
             except Exception as e:  # noqa: BLE001
                 key = str(e).splitlines()[0][:160]
-                failures.setdefault(key, f"{type(e).__name__}: {e}")
+                notes = "\n".join(getattr(e, "__notes__", []))  # hypothesis's example
+                failures.setdefault(key, f"{type(e).__name__}: {e}\n{notes}")
             runs += 25
     finally:
         _LONG["on"] = False
