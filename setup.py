@@ -27,9 +27,53 @@ PACKAGES = ["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.optim", "fastlm.models"
 PACKAGE_DIR = {"fastlm.kernels": "kernels"}
 
 
+# Sources with Hopper-only kernels: compiled for sm_90a wherever the build targets sm_90, with
+# FASTLM_SM90A defined (their host code then knows the sm_90a kernels exist).
+HOPPER_SOURCES = ["csrc/cuda/attention_sm90.cu"]
+
+
 def _loud(msg):
     bar = "!" * 78
     print(f"\n{bar}\n{msg}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _hopper_flags(archs):
+    """torch's BuildExtension gives every .cu file the same nvcc flags. The HOPPER_SOURCES get
+    their own: ninja allows a variable binding per build statement, so the build.ninja torch
+    writes is amended with `cuda_post_cflags = ...` under those sources' statements (their
+    gencode flags for _buildcfg.hopper_archs, plus -DFASTLM_SM90A). Where that cannot be done
+    (no ninja, another torch), they compile like the rest and the Hopper kernels are left out."""
+    import re
+
+    import torch.utils.cpp_extension as ce
+
+    hopper = _buildcfg.hopper_archs(archs)
+    writer = getattr(ce, "_write_ninja_file", None)
+    if hopper is None or writer is None:
+        if hopper is not None:
+            _loud("fastlm: cannot give the Hopper sources their sm_90a flags with this torch; "
+                  "building without the sm_90a attention kernels.")
+        return
+    base = " ".join(_buildcfg.gencode_flags(archs))
+    mine = " ".join(_buildcfg.gencode_flags(hopper) + ["-DFASTLM_SM90A"])
+
+    def write(path, *args, **kwargs):
+        writer(path, *args, **kwargs)
+        with open(path) as f:
+            text = f.read()
+        m = re.search(r"^cuda_post_cflags = (.*)$", text, re.M)
+        if m is None or base not in m.group(1):
+            raise RuntimeError(f"fastlm: setup.py cannot find the gencode flags in {path}")
+        flags = m.group(1).replace(base, mine)
+        for src in HOPPER_SOURCES:
+            stmt = re.search(rf"^build \S+: cuda_compile \S*/{re.escape(src)}$", text, re.M)
+            if stmt is None:
+                raise RuntimeError(f"fastlm: setup.py cannot find {src}'s build in {path}")
+            text = text[:stmt.end()] + f"\n  cuda_post_cflags = {flags}" + text[stmt.end():]
+        with open(path, "w") as f:
+            f.write(text)
+
+    ce._write_ninja_file = write
 
 
 def extensions():
@@ -74,11 +118,12 @@ def extensions():
         print(f"fastlm: CUDA toolkit {cuda_home}; building CUDA kernels for {','.join(archs)}",
               file=sys.stderr)
         sources += ["csrc/cuda/layer_norm.cu", "csrc/cuda/adam.cu", "csrc/cuda/attention.cu",
-                    "csrc/cuda/glu.cu", "csrc/cuda/rotary.cu"]
+                    "csrc/cuda/glu.cu", "csrc/cuda/rotary.cu", *HOPPER_SOURCES]
         nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                 "--expt-relaxed-constexpr", *_buildcfg.gencode_flags(archs)]
         if os.environ.get("FASTLM_PTXAS_VERBOSE"):
             nvcc += ["-Xptxas", "-v"]
+        _hopper_flags(archs)
         cxx.append("-DFASTLM_WITH_CUDA")
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
         ext_cls = CUDAExtension

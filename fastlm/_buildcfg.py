@@ -129,6 +129,17 @@ def gencode_flags(archs):
     return flags
 
 
+def hopper_archs(archs):
+    """The targets of a source with Hopper-only code (wgmma, TMA and setmaxnreg need the
+    arch-specific sm_90a): `archs` with sm_90 replaced by sm_90a; None when the build does not
+    target Hopper (the file then compiles to stubs that are never launched)."""
+    if "sm_90a" in archs:
+        return list(archs)
+    if "sm_90" not in archs:
+        return None
+    return ["sm_90a" if a == "sm_90" else a for a in archs]
+
+
 def default_max_jobs():
     """One job per core, but at most one per 3 GiB of RAM (nvcc on torch headers is hungry)."""
     cores = os.cpu_count() or 1

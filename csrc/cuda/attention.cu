@@ -73,6 +73,7 @@
 #include <utility>
 
 #include "../attention.h"
+#include "attention_sm90.h"
 #include "common.cuh"
 #include "ptx.h"
 
@@ -1539,6 +1540,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query,
   const at::Tensor q = f32 ? query : mma_ready(query);
   const at::Tensor k = f32 ? key : mma_ready(key);
   const at::Tensor v = f32 ? value : mma_ready(value);
+  // Hopper: the sm_90a kernels where their table (attention_sm90.cu) admits the problem.
+  if (!f32 && attention_fwd_sm90(q, k, v, mask, rng, dropout_p, is_causal, scale, out, lse))
+    return {out, lse};
   AttnParams p = make_params(q, k, v, mask, rng, dropout_p, is_causal, scale);
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
@@ -1577,6 +1581,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor delta = at::empty({B, Hq, L}, query.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   launch_delta(who, dO, o, delta, /*packed=*/false, stream);
+  // Hopper: the sm_90a kernels where their table (attention_sm90.cu) admits the problem.
+  if (!f32 && attention_bwd_sm90(dO, q, k, v, ls, delta, mask, rng, dropout_p, is_causal, scale,
+                                 dq, dk, dv))
+    return {dq, dk, dv};
 
   AttnParams p = make_params(q, k, v, mask, rng, dropout_p, is_causal, scale);
   p.dout = dO.const_data_ptr();
