@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-SOURCES = ("attention.cu", "layer_norm.cu", "adam.cu")
+SOURCES = ("attention.cu", "layer_norm.cu", "adam.cu", "attention_sm90.cu")
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
 _IS_CUDA = re.compile(r"\bdev\.is_cuda\(\)")

@@ -734,11 +734,11 @@ inline void run_blocks(const std::vector<dim3>& order, int n) {
           throw Error(os.str());
         }
     } else {
-      if (f->state == Wait::kRun) idle_polls = 0;
       r.cur = f;
       to_fiber(*f);
       r.cur = nullptr;
       if (r.failed) throw Error(r.message);
+      if (f->state != Wait::kPoll) idle_polls = 0;  // it got past its spin-wait: progress
     }
     for (size_t i = 0; i < active.size();) {
       Block* b = active[i];

@@ -98,6 +98,7 @@ struct Insn;
 struct Ctx {
   uint64_t* reg;
   const Program* prog;
+  const Opnd* ops;  // the asm statement's operands (asynchronous results write through them)
 };
 using Exec = void (*)(const Insn&, Ctx&);
 
@@ -389,6 +390,11 @@ inline void exec_mma(const Insn& in, Ctx& c) {
 
 // ---------------------------------------------------------------------------------------------
 // The decoder.
+// The Hopper instructions (fastlm_emu_sm90.h, included at the end): true when `base` is one.
+template <typename Dec, typename ModsT>
+bool decode_sm90(Dec& d, const std::string& base, ModsT& m, const std::vector<std::string>& args,
+                 Insn& in);
+
 namespace detail {
 
 inline bool is_space(char ch) { return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r'; }
@@ -550,6 +556,7 @@ inline void Decoder::decode(const std::string& opcode, const std::vector<std::st
     }
   }
   in.op = opcode;
+  if (decode_sm90(*this, base, m, args, in)) return;
   if (base == "add" || base == "sub" || base == "mul" || base == "div" || base == "sqrt") {
     in.a = base == "add" ? 0 : base == "sub" ? 1 : base == "mul" ? 2 : base == "div" ? 3 : 4;
     const int rnd = m.one_of({"rn", "rz", "rm", "rp", "approx", "full"});
@@ -819,7 +826,7 @@ inline void Program::run(std::initializer_list<Opnd> ops) const {
   }
   for (int i = 0; i < nops; ++i) reg[i] = o[i].dir == '=' ? ~uint64_t(0) : o[i].v;  // outputs: poison
   for (size_t i = 0; i < local_ty.size(); ++i) reg[nops + i] = ~uint64_t(0);
-  Ctx c{reg, this};
+  Ctx c{reg, this, o};
   for (const Insn& in : insns) {
     if (in.guard >= 0 && (reg[in.guard] != 0) == in.guard_neg) continue;
     in.exec(in, c);
@@ -844,3 +851,5 @@ inline void Program::run(std::initializer_list<Opnd> ops) const {
 
 }  // namespace ptx
 }  // namespace emu
+
+#include "fastlm_emu_sm90.h"
