@@ -14,7 +14,8 @@
 //     memory into the view; TMA loads write both). So a missing fence reads stale data.
 //   * TMA loads and stores, wgmma: asynchronous operations that complete at a random scheduling
 //     point after issue, at the latest at their wait (mbarrier phase, cp.async.bulk.wait_group,
-//     wgmma.wait_group). A load lands in shared memory (swizzled, out-of-bounds elements
+//     wgmma.wait_group); half the TMA loads land only when a thread waits on their mbarrier,
+//     so a read without that wait sees the old data. A load lands in shared memory (swizzled, out-of-bounds elements
 //     zero-filled) and then signals complete_tx; a store reads shared memory when it completes.
 //   * wgmma is a warpgroup instruction: each of the 128 threads deposits its operands (its A
 //     fragment, its accumulator registers' addresses and values); once all have, the operation
@@ -89,6 +90,9 @@ struct BlockState {
   uint64_t epoch = 0;
   Block* blk = nullptr;
   std::map<uint32_t, MBar> mbar;
+  // TMA loads that land only when a thread waits on their mbarrier (the latest point the
+  // hardware allows), by barrier address.
+  std::map<uint32_t, std::vector<std::shared_ptr<AsyncOp>>> lazy;
   NamedBar named[16];
   std::vector<unsigned char> view;  // the async proxy's view of the dynamic shared memory
   std::vector<WarpgroupState> wg;
@@ -169,6 +173,12 @@ inline void exec_mbarrier(const Insn& in, Ctx& c) {
       return;
     }
     default: {
+      auto lz = s.lazy.find(uint32_t(ptx::addr(c, in.args[1])));
+      if (lz != s.lazy.end()) {  // the loads this wait is for land now
+        auto ops = std::move(lz->second);
+        s.lazy.erase(lz);
+        for (auto& op : ops) async_finish(op);
+      }
       MBar& m = mbar_at(c, in, s, ptx::addr(c, in.args[1]));
       const uint32_t parity = ptx::u32(c, in.args[2]) & 1u;
       bool done = (m.phase & 1u) != parity;
@@ -412,7 +422,8 @@ inline void exec_tma_load(const Insn& in, Ctx& c) {
     });
     mbar_complete_tx(b, epoch, bar, int64_t(box_bytes(tm)), "a TMA load");
   };
-  async_start(op);
+  if (rt().rng() & 1) async_start(op);  // lands at a random scheduling point
+  else s.lazy[bar].push_back(op);        // lands when a thread waits on its mbarrier
 }
 
 // cp.async.bulk.tensor.Nd.global.shared::cta.bulk_group [map, {c}], [src]: args[0] src,
