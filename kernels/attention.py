@@ -123,6 +123,8 @@ def _scores(
     CAUSAL: tl.constexpr,  # apply j <= i here
     BOUNDS: tl.constexpr,  # apply j < S here
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    win=(-1, -1, 0),  # WINDOW: (left, right, diagonal offset) of _window
+    WINDOW: tl.constexpr = False,  # apply the window (in place of CAUSAL) here
 ):
     # Scores in base 2: (scale * q.k + m) * log2(e), -inf where the key may not be attended.
     s = s * qk_scale
@@ -135,7 +137,12 @@ def _scores(
             s = tl.where(mk != 0, s, float("-inf"))
         else:
             s = s + mk.to(tl.float32) * 1.4426950408889634
-    if CAUSAL:
+    if WINDOW:
+        ok = _in_window(offs_m[:, None], offs_n[None, :], win)
+        if BOUNDS:
+            ok = ok & (offs_n < S)[None, :]
+        s = tl.where(ok, s, float("-inf"))
+    elif CAUSAL:
         if BOUNDS:
             s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n < S)[None, :], s,
                          float("-inf"))
@@ -144,6 +151,65 @@ def _scores(
     elif BOUNDS:
         s = tl.where((offs_n < S)[None, :], s, float("-inf"))
     return s
+
+
+# Causal with the lower-right diagonal and sliding windows (docs/attention.md): key j may be
+# attended by query i iff d = j - i - off has d <= right (unless right < 0) and d >= -left
+# (unless left < 0); off = S - L (the sequence's) for the lower-right diagonal, else 0. The
+# kernels take it as the constexpr WINDOW with runtime (left, right, lower_right); plain
+# top-left causal keeps its own IS_CAUSAL path. The visited blocks are those the window
+# reaches, each with the select.
+@triton.jit
+def _window(wl, wr, lower_right, L, S):
+    # (left, right, off) of a sequence of lengths L, S.
+    return wl, wr, tl.where(lower_right != 0, S - L, 0)
+
+
+@triton.jit
+def _in_window(i, j, win):
+    wl, wr, off = win
+    d = j - i - off
+    return ((wr < 0) | (d <= wr)) & ((wl < 0) | (d >= -wl))
+
+
+@triton.jit
+def _window_keys(m0, S, win, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # (lo, hi): the keys the query rows [m0, m0 + BLOCK_M) may attend, lo a multiple of BLOCK_N.
+    wl, wr, off = win
+    lo = tl.where(wl >= 0, tl.maximum(m0 + off - wl, 0), 0)
+    hi = tl.where(wr >= 0, tl.minimum(m0 + BLOCK_M + off + wr, S), S)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _window_queries(n0, L, win, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # (lo, hi): the query rows that may attend keys [n0, n0 + BLOCK_N), lo a multiple of
+    # BLOCK_M.
+    wl, wr, off = win
+    lo = tl.where(wr >= 0, tl.maximum(n0 - off - wr, 0), 0)
+    hi = tl.where(wl >= 0, tl.minimum(n0 + BLOCK_N - off + wl, L), L)
+    return (lo // BLOCK_M) * BLOCK_M, hi
+
+
+@triton.jit
+def _tanh(x):
+    # tanh in float32 (Cephes tanhf): an odd polynomial below |x| = 0.625, 1 - 2 / (e^2|x| + 1)
+    # above (libdevice's tanh does not run under the interpreter).
+    a = tl.abs(x)
+    z = x * x
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x
+    big = 1.0 - 2.0 / (tl.math.exp2(a * 2.8853900817779268) + 1.0)
+    return tl.where(a < 0.625, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _softcap(s, qk_scale, cap2):
+    # (s', t): soft-capping of raw scores q.k: t = tanh(scale q.k / softcap), and s' such that
+    # s' * qk_scale = cap2 * t (cap2 = softcap * log2(e)), the capped score in base 2, which
+    # _scores then masks as any score.
+    t = _tanh(s * (qk_scale / cap2))
+    return t * (cap2 / qk_scale), t
 
 
 @triton.jit
@@ -238,6 +304,8 @@ def _fwd_blocks(
     BLOCK_EV: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,
+    win=(-1, -1, 0), cap2=0.0,  # _window's (left, right, off); softcap * log2(e)
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -251,8 +319,10 @@ def _fwd_blocks(
         k = tl.load(K_head + n64 * stride_kn + k_tile,
                     mask=kv_rows[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        if SOFTCAP:
+            s, _ = _softcap(s, qk_scale, cap2)
         s = _scores(s, Mask_m + n64 * stride_mn, stride_mm, stride_mn, offs_m, offs_n, L, S,
-                    qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N)
+                    qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N, win, WINDOW)
         p, acc, l_i, m_new = _online_softmax(s, acc, l_i, m_i, key, bh, offs_m, n0,
                                              drop_thresh, DROPOUT, BLOCK_M, BLOCK_N)
         v = tl.load(V_head + n64 * stride_vn + v_tile,
@@ -262,7 +332,8 @@ def _fwd_blocks(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "Tq", "drop_thresh"])
+@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "Tq", "drop_thresh", "win_left",
+                               "win_right", "lower_right"])
 def _attn_fwd(
     Q,  # (B, Hq, L, E), last stride 1
     K,  # (B, Hk, S, E), last stride 1
@@ -285,6 +356,8 @@ def _attn_fwd(
     qk_scale,  # scale * log2(e)
     drop_thresh,  # dropout_threshold(dropout_p)
     drop_scale,  # dropout_scale(dropout_p), float32
+    win_left, win_right, lower_right,  # WINDOW: the bounds (-1: none) and the diagonal
+    cap2,  # SOFTCAP: softcap * log2(e)
     HEAD_E: tl.constexpr,  # E
     HEAD_EV: tl.constexpr,  # Ev
     BLOCK_M: tl.constexpr,  # query rows per program
@@ -296,6 +369,8 @@ def _attn_fwd(
     DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,  # float32 inputs: exact float32 dots
     VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
+    WINDOW: tl.constexpr = False,  # a window or the lower-right diagonal (then not IS_CAUSAL)
+    SOFTCAP: tl.constexpr = False,
 ):
     # One program per (query block, b * Hq + h); the query blocks of a head are adjacent so
     # they share its k and v in L2. Causal: the longest rows first (fewer stragglers).
@@ -334,15 +409,26 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_vn, Mask_m, stride_mm, stride_mn, key,
-        bh, offs_m, L, S, qk_scale, drop_thresh, 0, full_hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N,
-        BLOCK_E, BLOCK_EV, MASK, False, False, DROPOUT, IEEE)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_vn, Mask_m, stride_mm, stride_mn, key,
-        bh, offs_m, L, S, qk_scale, drop_thresh, full_hi, hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N,
-        BLOCK_E, BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE)
+    if WINDOW:
+        win = _window(win_left, win_right, lower_right, L, S)
+        lo, hi = _window_keys(m0, S, win, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_vn, Mask_m, stride_mm,
+            stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh, lo, hi, HEAD_E, HEAD_EV,
+            BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False, True, DROPOUT, IEEE, win, cap2,
+            True, SOFTCAP)
+    else:
+        full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_vn, Mask_m, stride_mm,
+            stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh, 0, full_hi, HEAD_E,
+            HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False, False, DROPOUT, IEEE,
+            (-1, -1, 0), cap2, False, SOFTCAP)
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_vn, Mask_m, stride_mm,
+            stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh, full_hi, hi, HEAD_E,
+            HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE,
+            (-1, -1, 0), cap2, False, SOFTCAP)
 
     out, lse = _fwd_finish(acc, l_i, m_i, drop_scale, DROPOUT)
     if VARLEN:
@@ -445,6 +531,8 @@ def _dkdv_blocks(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_EV: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    win=(-1, -1, 0), cap2=0.0,  # as _fwd_blocks'
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -460,6 +548,8 @@ def _dkdv_blocks(
         lse2 = tl.load(Lse_head + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         # s^T = K Q^T in base 2, then the mask, read transposed.
         sT = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE)
+        if SOFTCAP:
+            sT, tT = _softcap(sT, qk_scale, cap2)
         sT = sT * qk_scale
         if MASK != 0:
             tile = (tl.arange(0, BLOCK_N)[:, None] * stride_mn
@@ -470,7 +560,9 @@ def _dkdv_blocks(
                 sT = tl.where(mk != 0, sT, float("-inf"))
             else:
                 sT = sT + mk.to(tl.float32) * 1.4426950408889634
-        if CAUSAL:
+        if WINDOW:
+            sT = tl.where(_in_window(offs_m[None, :], offs_n[:, None], win), sT, float("-inf"))
+        elif CAUSAL:
             sT = tl.where(offs_m[None, :] >= offs_n[:, None], sT, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])
         do = tl.load(DO_head + m64 * stride_dom + do_tile,
@@ -486,13 +578,17 @@ def _dkdv_blocks(
         else:
             pdT = pT
         dv = _dot(pdT.to(do.dtype), do, dv, IEEE)
-        # dS^T = p^T (dP^T - D) ; dK += dS^T Q (scale applied once at the end)
+        # dS^T = p^T (dP^T - D) ; dK += dS^T Q (scale applied once at the end); soft-capping:
+        # times 1 - tanh^2, the capped scores' derivative
         dsT = pT * (dpT - Di[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
         dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Hq", "Hk", "group", "L", "S", "Tq", "drop_thresh"])
+@triton.jit(do_not_specialize=["Hq", "Hk", "group", "L", "S", "Tq", "drop_thresh", "win_left",
+                               "win_right", "lower_right"])
 def _attn_bwd_dkdv(
     Q,  # (B, Hq, L, E), last stride 1
     K,  # (B, Hk, S, E), last stride 1
@@ -521,6 +617,7 @@ def _attn_bwd_dkdv(
     scale,  # the softmax scale (dK = scale * dS^T Q)
     drop_thresh,  # dropout_threshold(dropout_p)
     drop_scale,  # dropout_scale(dropout_p)
+    win_left, win_right, lower_right, cap2,  # as _attn_fwd's
     HEAD_E: tl.constexpr,
     HEAD_EV: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per step
@@ -532,6 +629,8 @@ def _attn_bwd_dkdv(
     DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,
     VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
+    WINDOW: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False,
 ):
     # One program per (key block, b * Hk + hk); causal work shrinks with the key index, so the
     # natural order already starts the longest programs first.
@@ -580,17 +679,27 @@ def _attn_bwd_dkdv(
         if MASK != 0:
             Mask_n = (Mask + b64 * stride_mb + h64 * stride_mh
                       + tl.cast(n0, tl.int64) * stride_mn)
-        if IS_CAUSAL:
+        if WINDOW:
+            win = _window(win_left, win_right, lower_right, L, S)
+            wlo, whi = _window_queries(n0, L, win, BLOCK_M, BLOCK_N)
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, Q_head, DO_head, stride_qm, stride_dom, Lse_head, Delta_head,
                 Mask_n, stride_mm, stride_mn, key, bh, n0, offs_n, L, S, qk_scale, drop_thresh,
-                drop_scale, lo, mid, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK,
-                True, DROPOUT, IEEE)
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, Q_head, DO_head, stride_qm, stride_dom, Lse_head, Delta_head,
-            Mask_n, stride_mm, stride_mn, key, bh, n0, offs_n, L, S, qk_scale, drop_thresh,
-            drop_scale, mid, L, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False,
-            DROPOUT, IEEE)
+                drop_scale, wlo, whi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK,
+                False, DROPOUT, IEEE, win, cap2, True, SOFTCAP)
+        else:
+            if IS_CAUSAL:
+                dk, dv = _dkdv_blocks(
+                    dk, dv, k, v, Q_head, DO_head, stride_qm, stride_dom, Lse_head, Delta_head,
+                    Mask_n, stride_mm, stride_mn, key, bh, n0, offs_n, L, S, qk_scale,
+                    drop_thresh, drop_scale, lo, mid, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N,
+                    BLOCK_E, BLOCK_EV, MASK, True, DROPOUT, IEEE, (-1, -1, 0), cap2, False,
+                    SOFTCAP)
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, Q_head, DO_head, stride_qm, stride_dom, Lse_head, Delta_head,
+                Mask_n, stride_mm, stride_mn, key, bh, n0, offs_n, L, S, qk_scale, drop_thresh,
+                drop_scale, mid, L, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK,
+                False, DROPOUT, IEEE, (-1, -1, 0), cap2, False, SOFTCAP)
 
     dk = dk * scale
     if VARLEN:
@@ -618,6 +727,8 @@ def _dq_blocks(
     BLOCK_EV: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,
+    win=(-1, -1, 0), cap2=0.0,  # as _fwd_blocks'
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -632,20 +743,40 @@ def _dq_blocks(
                     mask=kv_rows[:, None] & (offs_e < HEAD_E)[None, :], other=0.0)
         v = tl.load(V_head + n64 * stride_vn + v_tile,
                     mask=kv_rows[:, None] & (offs_ev < HEAD_EV)[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-        s = _scores(s, Mask_m + n64 * stride_mn, stride_mm, stride_mn, offs_m, offs_n, L, S,
-                    qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-        if DROPOUT:
-            keep = _philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - Di[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, IEEE)
+        dq = _dq_step(dq, q, do, k, v, lse2, Di, Mask_m + n64 * stride_mn, stride_mm,
+                      stride_mn, key, bh, offs_m, n0, offs_n, L, S, qk_scale, drop_thresh,
+                      drop_scale, BLOCK_M, BLOCK_N, MASK, CAUSAL, BOUNDS, DROPOUT, IEEE, win,
+                      cap2, WINDOW, SOFTCAP)
     return dq
 
 
-@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "Tq", "drop_thresh"])
+@triton.jit
+def _dq_step(dq, q, do, k, v, lse2, Di, Mask_blk, stride_mm, stride_mn, key, bh, offs_m, n0,
+             offs_n, L, S, qk_scale, drop_thresh, drop_scale, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+             BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, win=(-1, -1, 0),
+             cap2=0.0, WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False):
+    # dq + dS K of one key block (k, v; keys offs_n from n0; the mask at its first key):
+    # S = Q K^T, P from the saved lse, dP = dO V^T (z r), dS = P (dP - D) (soft-capping: times
+    # 1 - tanh^2).
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+    if SOFTCAP:
+        s, t = _softcap(s, qk_scale, cap2)
+    s = _scores(s, Mask_blk, stride_mm, stride_mn, offs_m, offs_n, L, S, qk_scale, MASK, CAUSAL,
+                BOUNDS, BLOCK_M, BLOCK_N, win, WINDOW)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+    if DROPOUT:
+        keep = _philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M, BLOCK_N)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - Di[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return _dot(ds.to(k.dtype), k, dq, IEEE)
+
+
+@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "Tq", "drop_thresh", "win_left",
+                               "win_right", "lower_right"])
 def _attn_bwd_dq(
     Q,  # (B, Hq, L, E), last stride 1
     K,  # (B, Hk, S, E), last stride 1
@@ -672,6 +803,7 @@ def _attn_bwd_dq(
     scale,  # the softmax scale (dQ = scale * dS K)
     drop_thresh,  # dropout_threshold(dropout_p)
     drop_scale,  # dropout_scale(dropout_p)
+    win_left, win_right, lower_right, cap2,  # as _attn_fwd's
     HEAD_E: tl.constexpr,
     HEAD_EV: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
@@ -683,6 +815,8 @@ def _attn_bwd_dq(
     DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,
     VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
+    WINDOW: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False,
 ):
     # One program per (query block, b * Hq + h); the query blocks of a head are adjacent so
     # they share its k and v in L2. Causal: the longest rows first (fewer stragglers).
@@ -728,15 +862,25 @@ def _attn_bwd_dq(
         Mask_m = Mask + b * stride_mb + h * stride_mh + tl.cast(m0, tl.int64) * stride_mm
 
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_blocks(dq, q, do, lse2, Di, K_head, V_head, stride_kn, stride_vn, Mask_m,
-                    stride_mm, stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
-                    drop_scale, 0, full_hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E,
-                    BLOCK_EV, MASK, False, False, DROPOUT, IEEE)
-    dq = _dq_blocks(dq, q, do, lse2, Di, K_head, V_head, stride_kn, stride_vn, Mask_m,
-                    stride_mm, stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
-                    drop_scale, full_hi, hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E,
-                    BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE)
+    if WINDOW:
+        win = _window(win_left, win_right, lower_right, L, S)
+        lo, hi = _window_keys(m0, S, win, BLOCK_M, BLOCK_N)
+        dq = _dq_blocks(dq, q, do, lse2, Di, K_head, V_head, stride_kn, stride_vn, Mask_m,
+                        stride_mm, stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
+                        drop_scale, lo, hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E,
+                        BLOCK_EV, MASK, False, True, DROPOUT, IEEE, win, cap2, True, SOFTCAP)
+    else:
+        full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _dq_blocks(dq, q, do, lse2, Di, K_head, V_head, stride_kn, stride_vn, Mask_m,
+                        stride_mm, stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
+                        drop_scale, 0, full_hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E,
+                        BLOCK_EV, MASK, False, False, DROPOUT, IEEE, (-1, -1, 0), cap2, False,
+                        SOFTCAP)
+        dq = _dq_blocks(dq, q, do, lse2, Di, K_head, V_head, stride_kn, stride_vn, Mask_m,
+                        stride_mm, stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
+                        drop_scale, full_hi, hi, HEAD_E, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E,
+                        BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE, (-1, -1, 0), cap2,
+                        False, SOFTCAP)
     dq = dq * scale
     tl.store(DQ + dq_rows[:, None] * HEAD_E + offs_e[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_e < HEAD_E)[None, :])
@@ -757,17 +901,23 @@ def _pad(d):
 # shared memory stays well inside the 227 KB of H100 and the 163 KB of A100. Hopper gets wider
 # key tiles in the forward (wgmma likes N >= 64); Ampere keeps the forward at D = 128 on 32-key
 # steps, where 64 spills.
+# On sm_90 a product whose result feeds another dot gets all warps stacked along its rows
+# (Triton's wgmma layout for chained dots, warpsPerCTA [num_warps, 1]): with 8 warps such a
+# product needs at least 128 rows, else both warpgroups compute the same 64 (tests/
+# test_attention_sm90.py duplicated_wgmma). So the sm_90 tiles keep 128 rows there: query
+# tiles of 128 in the forward and dQ, key tiles of 128 in dK/dV (or fall to mma.sync below
+# 64 rows, as the D = 256 backward does). Accepted spills, none inside a tile loop (SPILLS_90).
 _CONFIGS = {
     90: {
-        "fwd": {64: ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3)),
-                128: ((128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3)),
-                256: ((64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2))},
-        "dkdv": {64: ((32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 8, 3)),
-                 128: ((32, 64, 8, 3), (16, 64, 8, 3), (16, 32, 8, 3)),
+        "fwd": {64: ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
+                128: ((128, 64, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3)),
+                256: ((128, 32, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2))},
+        "dkdv": {64: ((32, 128, 8, 3), (16, 128, 8, 3), (16, 128, 8, 3)),
+                 128: ((16, 128, 8, 3), (16, 128, 8, 3), (16, 32, 8, 3)),
                  256: ((32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2))},
-        "dq": {64: ((128, 32, 4, 3), (128, 32, 8, 3), (64, 32, 8, 3)),
-               128: ((128, 32, 8, 3), (64, 32, 8, 3), (32, 32, 8, 3)),
-               256: ((64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2))},
+        "dq": {64: ((128, 32, 4, 3), (128, 32, 8, 3), (128, 32, 8, 3)),
+               128: ((128, 32, 8, 3), (128, 32, 8, 3), (128, 32, 8, 3)),
+               256: ((128, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2))},
     },
     80: {
         "fwd": {64: ((128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3)),
@@ -781,6 +931,13 @@ _CONFIGS = {
                256: ((64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2))},
     },
 }
+# The spills the sm_90 table accepts (ptxas of triton 3.8; the most bytes of local memory over
+# bf16, fp16, dense and varlen; none loaded or stored inside a tile loop): (kernel, head dim,
+# causal, dropout, mask kind) -> bytes. The dK/dV tile of 128 keys with causal and dropout is
+# new (what the duplicated 64-key tile did not hold); the others were there before: the bool
+# mask forward in fp16 at head dims 128 and 256, the dQ with dropout at head dim 256.
+SPILLS_90 = {("dkdv", 128, True, True, 0): 96, ("fwd", 128, False, False, 1): 24,
+             ("fwd", 256, False, False, 1): 8, ("dq", 256, False, True, 0): 24}
 # float32 runs exact float32 dots (FMA, no tensor cores; register-hungry): small tiles, any
 # arch, checked the same way (left: dk/dv at D = 128 with causal + dropout spills 12-16 bytes
 # in every tile tried).
@@ -817,28 +974,34 @@ def _config(kind, dtype, e, ev, arch, extras, varlen=False):
 
 
 # Which kernels run, per arch: "tma" is kernels/attention_sm90.py (TMA tiles, 128 x 128
-# forward tiles, the fused 5-matmul backward with its ordered dQ), "fa2" is this file's
-# FlashAttention-2 kernels (cp.async loads, three backward kernels with dQ computed apart).
-# "tma" falls back to "fa2", per call, for what its table (attention_sm90.CONFIGS) has no
-# spill-free tile for: float32, masks, head dims above 128 (the backward: above 64, causal or
-# dropout), and for tensors TMA cannot address (a base or stride that is not a multiple of 16
-# bytes, a broadcast (stride 0) dim); attention_sm90.supports and tma_ready decide.
+# forward tiles; the backward fused into one 5-matmul kernel with its ordered dQ where its
+# table has a tile, else split into a dK/dV and a dQ kernel on TMA tiles), "fa2" is this
+# file's FlashAttention-2 kernels (cp.async loads, three backward kernels with dQ computed
+# apart). The concrete backward variants are "fused", "split" and "fa2"; "tma" asks for fused,
+# then split. Each falls back, per call, to the next one (fused -> split -> fa2) for what its
+# table (attention_sm90.CONFIGS, MASKS, VARLEN, EXCLUDED) has no tile for: float32, head dims
+# above 128, the fused kernel's spilling variants, and for tensors TMA cannot address (a base
+# or stride that is not a multiple of 16 bytes, a broadcast (stride 0) dim);
+# attention_sm90.supports and tma_ready decide. Within the split backward each of its two
+# kernels falls back to its FlashAttention-2 twin alone (split_kernels).
 _VARIANTS = {
     90: {"fwd": "tma", "bwd": "tma"},
     80: {"fwd": "fa2", "bwd": "fa2"},
 }
+_NAMES = {"fwd": ("fa2", "tma"), "bwd": ("fa2", "tma", "fused", "split")}
 _FORCED = {}  # kind -> variant, set by force_variant (tests, benchmarks)
 
 
 class force_variant:
-    """Context manager: run the given variants (fwd="fa2" | "tma", bwd=...) whatever the
-    arch's table says; "tma" still falls back where it cannot run (see _VARIANTS)."""
+    """Context manager: run the given variants (fwd="fa2" | "tma", bwd="fa2" | "tma" |
+    "fused" | "split") whatever the arch's table says; each still falls back where it cannot
+    run (see _VARIANTS)."""
 
     def __init__(self, **kinds):
-        bad = {k: v for k, v in kinds.items() if k not in ("fwd", "bwd") or v not in
-               ("fa2", "tma")}
+        bad = {k: v for k, v in kinds.items() if v not in _NAMES.get(k, ())}
         if bad:
-            raise ValueError(f"force_variant: expected fwd= and/or bwd= 'fa2' or 'tma', got {bad}")
+            raise ValueError(f"force_variant: expected fwd= 'fa2' or 'tma' and/or bwd= 'fa2', "
+                             f"'tma', 'fused' or 'split', got {bad}")
         self.kinds = kinds
 
     def __enter__(self):
@@ -852,16 +1015,31 @@ class force_variant:
 
 
 def variant(kind, tensors, e, ev, masked, causal, dropout, arch, varlen=False):
-    """The kernels ("tma" or "fa2") that run `kind` ("fwd", "bwd") for these tensors (q, k, v
-    and out or grad_out) with head dims e, ev, a mask or not, causal or not, dropout or not,
-    packed sequences or not, on compute capability `arch`."""
+    """The kernels that run `kind` for these tensors (q, k, v and out or grad_out) with head
+    dims e, ev, a mask or not, causal or not, dropout or not, packed sequences or not, on
+    compute capability `arch`: "tma" or "fa2" for kind "fwd"; "fused", "split" or "fa2" for
+    kind "bwd"."""
     from . import attention_sm90 as sm90
 
     name = _FORCED.get(kind) or _VARIANTS[90 if arch >= 90 else 80][kind]
-    if name == "tma" and not (sm90.supports(kind, tensors[0].dtype, e, ev, masked, causal,
-                                            dropout, varlen) and sm90.tma_ready(*tensors)):
-        name = "fa2"
-    return name
+    if name == "fa2" or not sm90.tma_ready(*tensors):
+        return "fa2"
+    args = (tensors[0].dtype, e, ev, masked, causal, dropout, varlen)
+    if kind == "fwd":
+        return "tma" if sm90.supports("fwd", *args) else "fa2"
+    if name in ("tma", "fused") and sm90.supports("bwd", *args):
+        return "fused"
+    if sm90.supports("dkdv", *args) or sm90.supports("dq", *args):
+        return "split"
+    return "fa2"
+
+
+def split_kernels(dtype, e, ev, masked, causal, dropout, varlen=False):
+    """{"dkdv": "tma" | "fa2", "dq": ...}: the kernels of a "split" backward."""
+    from . import attention_sm90 as sm90
+
+    args = (dtype, e, ev, masked, causal, dropout, varlen)
+    return {kind: "tma" if sm90.supports(kind, *args) else "fa2" for kind in ("dkdv", "dq")}
 
 
 def _arch(device):
@@ -886,14 +1064,42 @@ def _fit(block, n):
     return min(block, max(16, triton.next_power_of_2(max(n, 1))))
 
 
-def _meta(kind, dtype, e, ev, m_len, n_len, mask_kind, causal, dropout, arch, varlen=False):
-    """Meta-parameters of one launch: m_len rows along BLOCK_M, n_len along BLOCK_N."""
-    bm, bn, warps, stages = _config(kind, dtype, e, ev, arch, int(mask_kind != 0) + int(dropout),
-                                    varlen)
-    return dict(HEAD_E=e, HEAD_EV=ev, BLOCK_M=_fit(bm, m_len), BLOCK_N=_fit(bn, n_len),
+def _meta(kind, dtype, e, ev, m_len, n_len, mask_kind, causal, dropout, arch, varlen=False,
+          opts=None):
+    """Meta-parameters of one launch: m_len rows along BLOCK_M, n_len along BLOCK_N; opts:
+    _options' (WINDOW, SOFTCAP, args) or None. A window or soft-capping counts as one more
+    tile of values in registers when the tiles are chosen (_CONFIGS)."""
+    window, softcap, _ = opts or _PLAIN
+    extras = min(2, int(mask_kind != 0) + int(dropout) + int(window or softcap))
+    bm, bn, warps, stages = _config(kind, dtype, e, ev, arch, extras, varlen)
+    meta = dict(HEAD_E=e, HEAD_EV=ev, BLOCK_M=_fit(bm, m_len), BLOCK_N=_fit(bn, n_len),
                 BLOCK_E=_pad(e), BLOCK_EV=_pad(ev), MASK=mask_kind, IS_CAUSAL=causal,
                 DROPOUT=dropout, IEEE=_dot_mode(dtype), VARLEN=varlen, num_warps=warps,
                 num_stages=stages)
+    if window or softcap:
+        meta.update(WINDOW=window, SOFTCAP=softcap)
+    return meta
+
+
+# The plain launch's options: no window, no soft-capping (kernel defaults).
+_PLAIN = (False, False, (-1, -1, 0, 0.0))
+
+
+def _options(is_causal, window_left=-1, window_right=-1, lower_right=False, softcap=0.0):
+    """(IS_CAUSAL, (WINDOW, SOFTCAP, (win_left, win_right, lower_right, softcap * log2(e))))
+    of the kernels for the ops' options (docs/attention.md): plain top-left causal keeps its
+    own IS_CAUSAL path; a window or the lower-right diagonal (with causal) runs the window
+    select (which holds causal as the bound right = 0)."""
+    left, right = int(window_left), int(window_right)
+    if is_causal:  # causal caps the right bound at 0 (fastlm.ops.attention.window_bounds)
+        right = 0 if right < 0 else min(right, 0)
+    window = (left >= 0 or right >= 0) and (left >= 0 or right != 0 or bool(lower_right)
+                                            or not is_causal)
+    causal = bool(is_causal) and not window
+    if not window:  # no bound: the diagonal does not matter
+        left, right, lower_right = -1, -1, False
+    return causal, (window, softcap > 0.0,
+                    (left, right, int(bool(lower_right)), float(softcap) * LOG2E))
 
 
 def _mask_kind(mask):
@@ -933,13 +1139,13 @@ def _vl_args(vl, q):
 
 
 def _fwd_call(q, k, v, mask, rng, out, lse, shape, qs, ks, vs, ms, dtype, scale, thresh,
-              rscale, mask_kind, causal, dropout, arch, vl=None):
+              rscale, mask_kind, causal, dropout, arch, vl=None, opts=None):
     B, Hq, Hk, L, S, E, Ev = shape
     cu_q, cu_k, tq, varlen = _vl_args(vl, q)
-    meta = _meta("fwd", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch, varlen)
+    meta = _meta("fwd", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch, varlen, opts)
     grid = (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
     args = (q, k, v, mask, rng, cu_q, cu_k, out, lse, *qs, *ks, *vs, *ms, Hq, Hq // Hk, L, S,
-            tq, scale * LOG2E, thresh, rscale)
+            tq, scale * LOG2E, thresh, rscale, *(opts or _PLAIN)[2])
     return grid, args, meta
 
 
@@ -952,24 +1158,25 @@ def _pre_call(out, do, delta, shape, dos, varlen=False):
 
 
 def _dkdv_call(q, k, v, do, lse, delta, mask, rng, dk, dv, shape, qs, ks, vs, dos, ms, dtype,
-               scale, thresh, rscale, mask_kind, causal, dropout, arch, vl=None):
+               scale, thresh, rscale, mask_kind, causal, dropout, arch, vl=None, opts=None):
     B, Hq, Hk, L, S, E, Ev = shape
     cu_q, cu_k, tq, varlen = _vl_args(vl, q)
-    meta = _meta("dkdv", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch, varlen)
+    meta = _meta("dkdv", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch, varlen, opts)
     grid = (triton.cdiv(S, meta["BLOCK_N"]) * B * Hk,)
     args = (q, k, v, do, lse, delta, mask, rng, cu_q, cu_k, dk, dv, *qs, *ks, *vs, *dos, *ms,
-            Hq, Hk, Hq // Hk, L, S, tq, scale * LOG2E, scale, thresh, rscale)
+            Hq, Hk, Hq // Hk, L, S, tq, scale * LOG2E, scale, thresh, rscale,
+            *(opts or _PLAIN)[2])
     return grid, args, meta
 
 
 def _dq_call(q, k, v, do, lse, delta, mask, rng, dq, shape, qs, ks, vs, dos, ms, dtype, scale,
-             thresh, rscale, mask_kind, causal, dropout, arch, vl=None):
+             thresh, rscale, mask_kind, causal, dropout, arch, vl=None, opts=None):
     B, Hq, Hk, L, S, E, Ev = shape
     cu_q, cu_k, tq, varlen = _vl_args(vl, q)
-    meta = _meta("dq", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch, varlen)
+    meta = _meta("dq", dtype, E, Ev, L, S, mask_kind, causal, dropout, arch, varlen, opts)
     grid = (triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,)
     args = (q, k, v, do, lse, delta, mask, rng, cu_q, cu_k, dq, *qs, *ks, *vs, *dos, *ms, Hq,
-            Hq // Hk, L, S, tq, scale * LOG2E, scale, thresh, rscale)
+            Hq // Hk, L, S, tq, scale * LOG2E, scale, thresh, rscale, *(opts or _PLAIN)[2])
     return grid, args, meta
 
 
@@ -1011,6 +1218,43 @@ def _tma_bwd(grad_out, q, k, v, lse, delta, mask, rng, dq, dk, dv, shape, ms, dt
     wrap_triton(sm90._attn_bwd_tma)[grid](*args, **mt)
 
 
+def _split_bwd(grad_out, q, k, v, lse, delta, mask, rng, dq, dk, dv, shape, strides, dtype,
+               scale, thresh, rscale, mask_kind, causal, dropout, arch, kernels, vl=None,
+               opts=None):
+    """The backward's dK/dV and dQ kernels after _attn_bwd_pre: each on its TMA kernel
+    (attention_sm90, `kernels[kind] == "tma"`) or its FlashAttention-2 one. strides: those of
+    q, k, v, grad_out and the mask, for the FlashAttention-2 kernels."""
+    from . import attention_sm90 as sm90
+
+    B, Hq, Hk, L, S, E, Ev = shape
+    cu_q, cu_k, tq, varlen = _vl_args(vl, q)
+    flags = (dtype, scale, thresh, rscale, mask_kind, causal, dropout, arch)
+    for kind, outs in (("dkdv", (dk, dv)), ("dq", (dq,))):
+        if kind == "dkdv" and (S == 0 or vl is not None and k.shape[0] == 0):
+            continue
+        if kernels[kind] == "fa2":
+            if kind == "dkdv":
+                grid, args, meta = _dkdv_call(q, k, v, grad_out, lse, delta, mask, rng, dk, dv,
+                                              shape, *strides, *flags, vl, opts)
+                wrap_triton(_attn_bwd_dkdv)[grid](*args, **meta)
+            else:
+                grid, args, meta = _dq_call(q, k, v, grad_out, lse, delta, mask, rng, dq, shape,
+                                            *strides, *flags, vl, opts)
+                wrap_triton(_attn_bwd_dq)[grid](*args, **meta)
+            continue
+        mt = sm90.meta(kind, E, Ev, L, S, mask_kind, causal, dropout, _dot_mode(dtype), varlen,
+                       _fit)
+        parts = (sm90.dkdv_parts(E, Ev, mask_kind, causal, dropout, varlen)
+                 if kind == "dkdv" else (None,))
+        for part in parts:
+            if part is not None:
+                mt["PART"] = part
+            kernel, grid, args = sm90.split_call(kind, q, k, v, grad_out, lse, delta, mask, rng,
+                                                 cu_q, cu_k, outs, strides[-1], shape, tq,
+                                                 scale, thresh, rscale, mt)
+            wrap_triton(kernel)[grid](*args, **mt)
+
+
 def _shape(q, k, v):
     B, Hq, L, E = q.shape
     return B, Hq, k.shape[1], L, k.shape[2], E, v.shape[3]
@@ -1020,9 +1264,12 @@ def _st(t):
     return tuple(t.stride()[:3])
 
 
-def forward(q, k, v, mask, rng, dropout_p, is_causal, scale):
+def forward(q, k, v, mask, rng, dropout_p, is_causal, scale, window_left=-1, window_right=-1,
+            lower_right=False, softcap=0.0):
     """(out, lse) of docs/attention.md: out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L)
-    float32 natural log (+inf for rows that may attend no key)."""
+    float32 natural log (+inf for rows that may attend no key). The options after scale (a
+    window, the lower-right diagonal, soft-capping) run on the FlashAttention-2 kernels."""
+    is_causal, opts = _options(is_causal, window_left, window_right, lower_right, softcap)
     q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
     shape = B, Hq, _, L, _, _, Ev = _shape(q, k, v)
     out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
@@ -1032,8 +1279,8 @@ def forward(q, k, v, mask, rng, dropout_p, is_causal, scale):
     mask_ptr, ms = _mask_arg(mask, q)
     rng_ptr, thresh, rscale, dropout = _dropout_args(rng, dropout_p, q)
     arch = _arch(q.device)
-    if variant("fwd", (q, k, v, out), shape[5], Ev, mask is not None, is_causal, dropout,
-               arch) == "tma":
+    if opts == _PLAIN and variant("fwd", (q, k, v, out), shape[5], Ev, mask is not None,
+                                  is_causal, dropout, arch) == "tma":
         from . import attention_sm90 as sm90
 
         grid, args, meta = _tma_fwd_call(q, k, v, mask_ptr, rng_ptr, out, lse, shape, ms,
@@ -1043,14 +1290,16 @@ def forward(q, k, v, mask, rng, dropout_p, is_causal, scale):
         return out, lse
     grid, args, meta = _fwd_call(q, k, v, mask_ptr, rng_ptr, out, lse, shape, _st(q), _st(k),
                                  _st(v), ms, q.dtype, scale, thresh, rscale, _mask_kind(mask),
-                                 bool(is_causal), dropout, arch)
+                                 bool(is_causal), dropout, arch, None, opts)
     wrap_triton(_attn_fwd)[grid](*args, **meta)
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale):
+def backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale,
+             window_left=-1, window_right=-1, lower_right=False, softcap=0.0):
     """(grad_q, grad_k, grad_v) of docs/attention.md, contiguous, with q, k, v's shapes and
     dtypes; deterministic (no atomics)."""
+    is_causal, opts = _options(is_causal, window_left, window_right, lower_right, softcap)
     q, k, v, grad_out = _last_unit(q), _last_unit(k), _last_unit(v), _last_unit(grad_out)
     out, lse = out.contiguous(), lse.contiguous()
     shape = B, Hq, Hk, L, S, E, Ev = _shape(q, k, v)
@@ -1070,18 +1319,16 @@ def backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     grid, args, meta = _pre_call(out, grad_out, delta, shape, _st(grad_out))
     wrap_triton(_attn_bwd_pre)[grid](*args, **meta)
-    if variant("bwd", (q, k, v, grad_out), E, Ev, mask is not None, is_causal, dropout,
-               flags[-1]) == "tma":
+    bwd = "fa2" if opts != _PLAIN else variant("bwd", (q, k, v, grad_out), E, Ev,
+                                                mask is not None, is_causal, dropout, flags[-1])
+    if bwd == "fused":
         _tma_bwd(grad_out, q, k, v, lse, delta, mask_ptr, rng_ptr, dq, dk, dv, shape, ms,
                  *flags[:-1])
         return dq, dk, dv
-    if S > 0:
-        grid, args, meta = _dkdv_call(q, k, v, grad_out, lse, delta, mask_ptr, rng_ptr, dk, dv,
-                                      shape, *strides, *flags)
-        wrap_triton(_attn_bwd_dkdv)[grid](*args, **meta)
-    grid, args, meta = _dq_call(q, k, v, grad_out, lse, delta, mask_ptr, rng_ptr, dq, shape,
-                                *strides, *flags)
-    wrap_triton(_attn_bwd_dq)[grid](*args, **meta)
+    kernels = (split_kernels(q.dtype, E, Ev, mask is not None, is_causal, dropout)
+               if bwd == "split" else {"dkdv": "fa2", "dq": "fa2"})
+    _split_bwd(grad_out, q, k, v, lse, delta, mask_ptr, rng_ptr, dq, dk, dv, shape, strides,
+               *flags, kernels, None, opts)
     return dq, dk, dv
 
 
@@ -1095,12 +1342,14 @@ def _cu(cu):
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng,
-                   dropout_p, is_causal, scale):
+                   dropout_p, is_causal, scale, window_left=-1, window_right=-1,
+                   lower_right=False, softcap=0.0):
     """(out, lse) of the varlen op (docs/attention.md, "Varlen"): q (total_q, Hq, E), k
     (total_k, Hk, E), v (total_k, Hk, Ev) packed; out (total_q, Hq, Ev) in q's dtype, lse
     (Hq, total_q) float32. One launch of the dense kernels over all the sequences: the grid
     covers max_seqlen_q (which must bound every length), and blocks past a shorter sequence's
     end return at once."""
+    is_causal, opts = _options(is_causal, window_left, window_right, lower_right, softcap)
     q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
     (tq, Hq, E), (_, Hk, _), Ev = q.shape, k.shape, v.shape[2]
     n = cu_seqlens_q.shape[0] - 1
@@ -1112,7 +1361,8 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     rng_ptr, thresh, rscale, dropout = _dropout_args(rng, dropout_p, q)
     vl = (_cu(cu_seqlens_q), _cu(cu_seqlens_k), tq)
     arch = _arch(q.device)
-    if variant("fwd", (q, k, v, out), E, Ev, False, is_causal, dropout, arch, True) == "tma":
+    if opts == _PLAIN and variant("fwd", (q, k, v, out), E, Ev, False, is_causal, dropout,
+                                  arch, True) == "tma":
         from . import attention_sm90 as sm90
 
         grid, args, meta = _tma_fwd_call(q, k, v, q, rng_ptr, out, lse, shape, (0, 0, 0, 0),
@@ -1123,15 +1373,17 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     grid, args, meta = _fwd_call(q, k, v, q, rng_ptr, out, lse, shape, _vl_strides(q),
                                  _vl_strides(k), _vl_strides(v), (0, 0, 0, 0), q.dtype, scale,
                                  thresh, rscale, _MASK_NONE, bool(is_causal), dropout, arch,
-                                 vl)
+                                 vl, opts)
     wrap_triton(_attn_fwd)[grid](*args, **meta)
     return out, lse
 
 
 def varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                    max_seqlen_k, rng, dropout_p, is_causal, scale):
+                    max_seqlen_k, rng, dropout_p, is_causal, scale, window_left=-1,
+                    window_right=-1, lower_right=False, softcap=0.0):
     """(grad_q, grad_k, grad_v) of the varlen op, contiguous packed tensors with q, k, v's
     shapes and dtypes; deterministic (no atomics)."""
+    is_causal, opts = _options(is_causal, window_left, window_right, lower_right, softcap)
     q, k, v, grad_out = _last_unit(q), _last_unit(k), _last_unit(v), _last_unit(grad_out)
     out, lse = out.contiguous(), lse.contiguous()
     (tq, Hq, E), (tk, Hk, _), Ev = q.shape, k.shape, v.shape[2]
@@ -1155,23 +1407,71 @@ def varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     grid, args, meta = _pre_call(out, grad_out, delta, (1, Hq, Hk, tq, tk, E, Ev),
                                  _vl_strides(grad_out), varlen=True)
     wrap_triton(_attn_bwd_pre)[grid](*args, **meta)
-    if variant("bwd", (q, k, v, grad_out), E, Ev, False, is_causal, dropout, flags[-1],
-               True) == "tma":
+    bwd = "fa2" if opts != _PLAIN else variant("bwd", (q, k, v, grad_out), E, Ev, False,
+                                                is_causal, dropout, flags[-1], True)
+    if bwd == "fused":
         dq.zero_()  # the rows of a sequence without keys get no dS K from any key block
         _tma_bwd(grad_out, q, k, v, lse, delta, q, rng_ptr, dq, dk, dv, shape, (0, 0, 0, 0),
                  *flags[:-1], vl)
         return dq, dk, dv
-    if tk > 0:
-        grid, args, meta = _dkdv_call(q, k, v, grad_out, lse, delta, q, rng_ptr, dk, dv, shape,
-                                      *strides, *flags, vl)
-        wrap_triton(_attn_bwd_dkdv)[grid](*args, **meta)
-    grid, args, meta = _dq_call(q, k, v, grad_out, lse, delta, q, rng_ptr, dq, shape, *strides,
-                                *flags, vl)
-    wrap_triton(_attn_bwd_dq)[grid](*args, **meta)
+    kernels = (split_kernels(q.dtype, E, Ev, False, is_causal, dropout, True)
+               if bwd == "split" else {"dkdv": "fa2", "dq": "fa2"})
+    _split_bwd(grad_out, q, k, v, lse, delta, q, rng_ptr, dq, dk, dv, shape, strides, *flags,
+               kernels, vl, opts)
     return dq, dk, dv
 
 
 AOT_HEAD_DIMS = (64, 128)
+
+
+def fa2_spec(dt, kind, d, causal=False, dropout=False, mask=_MASK_NONE, varlen=False, arch=90):
+    """(kernel, args, meta) of one FlashAttention-2 launch of kind "fwd", "dkdv", "dq" or
+    "pre" for inputs of dtype dt and head dim d (E = Ev) with the tiles of compute capability
+    `arch`, for ahead-of-time compilation and the SASS checks: contiguous (B, H, L, E) inputs
+    with B = 4, H = 16, L = S = 1024, or 4 packed sequences of 4096 rows (varlen), a
+    contiguous (B, H, L, S) mask of kind `mask`. Tensors are given as dtypes, the unused
+    pointers as the launches pass them (q's dtype), so that the compiled kernels are the ones
+    a launch looks up."""
+    f32, i64, i32 = torch.float32, torch.int64, torch.int32
+    shape = (4, 16, 16, 1024, 1024, d, d)
+    st = (0, d, 16 * d) if varlen else (16 * 1024 * d, 1024 * d, d)
+    vl = (i32, i32, 4096) if varlen else None
+    ms = (1 << 24, 1 << 20, 1024, 1) if mask else (0, 0, 0, 0)
+    mp = (torch.uint8 if mask == _MASK_BOOL else dt) if mask else dt
+    rp = i64 if dropout else dt
+    flags = (dt, d ** -0.5, 6554 if dropout else 0, 1.25 if dropout else 1.0, mask, causal,
+             dropout, arch)
+    if kind == "fwd":
+        _, args, meta = _fwd_call(dt, dt, dt, mp, rp, dt, f32, shape, st, st, st, ms, *flags,
+                                  vl)
+        return _attn_fwd, args, meta
+    if kind == "dkdv":
+        _, args, meta = _dkdv_call(dt, dt, dt, dt, f32, f32, mp, rp, dt, dt, shape, st, st, st,
+                                   st, ms, *flags, vl)
+        return _attn_bwd_dkdv, args, meta
+    if kind == "dq":
+        _, args, meta = _dq_call(dt, dt, dt, dt, f32, f32, mp, rp, dt, shape, st, st, st, st,
+                                 ms, *flags, vl)
+        return _attn_bwd_dq, args, meta
+    pre_shape = (1, 16, 16, 4096, 4096, d, d) if varlen else shape
+    _, args, meta = _pre_call(dt, dt, f32, pre_shape, st, varlen)
+    return _attn_bwd_pre, args, meta
+
+
+def fa2_variants(head_dims=(64, 128, 256)):
+    """The FlashAttention-2 launches of one 16-bit dtype, as (kind, head dim, causal, dropout,
+    mask kind, varlen): every kind and variant (masks never with causal or packed
+    sequences), and the D pass per head dim."""
+    out = []
+    for d in head_dims:
+        for kind in ("fwd", "dkdv", "dq"):
+            for varlen in (False, True):
+                for mask in (0,) if varlen else (0, 1, 2):
+                    for causal in (False,) if mask else (False, True):
+                        out += [(kind, d, causal, dropout, mask, varlen)
+                                for dropout in (False, True)]
+        out += [("pre", d, False, False, 0, False), ("pre", d, False, False, 0, True)]
+    return out
 
 
 def aot_specs(dtypes, sizes, arch=90):
@@ -1179,26 +1479,19 @@ def aot_specs(dtypes, sizes, arch=90):
     forward/backward for inputs of each dtype, head dims AOT_HEAD_DIMS (E = Ev), causal and
     not, without mask or dropout, for contiguous (B, H, L, E) inputs with H = 16, L = S = 1024
     (strides multiples of 16, as the JIT specializes them; head counts and lengths are not
-    specialized), with the tiles chosen for compute capability `arch` (90 for sm_90). `sizes`
-    do not matter here. Tensors are given as dtypes."""
-    f32 = torch.float32
+    specialized), with the tiles chosen for compute capability `arch` (90 for sm_90): the
+    FlashAttention-2 kernels, and from sm_90 on also the TMA kernels (attention_sm90) that the
+    table runs there for 16-bit inputs. `sizes` do not matter here. Tensors are given as
+    dtypes."""
     specs = []
+    if arch >= 90:
+        from . import attention_sm90 as sm90
+
+        specs += sm90.aot_specs(dtypes, AOT_HEAD_DIMS)
     for dt in dtypes:
         for d in AOT_HEAD_DIMS:
-            shape = (4, 16, 16, 1024, 1024, d, d)
-            st = (16 * 1024 * d, 1024 * d, d)
-            ms = (0, 0, 0, 0)
             for causal in (False, True):
-                flags = (dt, d ** -0.5, 0, 1.0, _MASK_NONE, causal, False, arch)
-                _, args, meta = _fwd_call(dt, dt, dt, dt, dt, dt, f32, shape, st, st, st, ms,
-                                          *flags)
-                specs.append((_attn_fwd, args, meta))
-                _, args, meta = _dkdv_call(dt, dt, dt, dt, f32, f32, dt, dt, dt, dt, shape, st,
-                                           st, st, st, ms, *flags)
-                specs.append((_attn_bwd_dkdv, args, meta))
-                _, args, meta = _dq_call(dt, dt, dt, dt, f32, f32, dt, dt, dt, shape, st, st,
-                                         st, st, ms, *flags)
-                specs.append((_attn_bwd_dq, args, meta))
-            _, args, meta = _pre_call(dt, dt, f32, shape, st)
-            specs.append((_attn_bwd_pre, args, meta))
+                specs += [fa2_spec(dt, kind, d, causal, arch=arch)
+                          for kind in ("fwd", "dkdv", "dq")]
+            specs.append(fa2_spec(dt, "pre", d, arch=arch))
     return specs

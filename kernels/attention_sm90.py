@@ -55,8 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (_dot, _fwd_finish, _key_ranges, _online_softmax, _philox_keep,
-                        _philox_key, _query_ranges, _scores)
+from .attention import (_dot, _dq_step, _fwd_finish, _key_ranges, _online_softmax,
+                        _philox_keep, _philox_key, _query_ranges, _scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +82,22 @@ def _seq_rows(CuQ, CuK, b, L, S, VARLEN: tl.constexpr):
         return q0, k0, tl.load(CuQ + b + 1) - q0, tl.load(CuK + b + 1) - k0
     else:
         return 0, 0, L, S
+
+
+@triton.jit
+def _query_tile(t, CuQ, CuK, Hq, group, L, S, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                VARLEN: tl.constexpr):
+    # Query tile t (tiles of one head adjacent; causal: numbered longest first) as (bh, b, h,
+    # kv head, first row m0, and _seq_rows' q0, k0, L, S of its sequence).
+    num_m = tl.cdiv(L, BLOCK_M)
+    bh = t // num_m
+    pid_m = t % num_m
+    if IS_CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    b = bh // Hq
+    h = bh % Hq
+    q0, k0, L, S = _seq_rows(CuQ, CuK, b, L, S, VARLEN)
+    return bh, b, h, h // group, pid_m * BLOCK_M, q0, k0, L, S
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,16 +142,8 @@ def _fwd_tile(
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, MASK: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    num_m = tl.cdiv(L, BLOCK_M)
-    bh = t // num_m
-    pid_m = t % num_m
-    if IS_CAUSAL:
-        pid_m = num_m - 1 - pid_m
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // group
-    m0 = pid_m * BLOCK_M
-    q0, k0, L, S = _seq_rows(CuQ, CuK, b, L, S, VARLEN)
+    bh, b, h, hk, m0, q0, k0, L, S = _query_tile(t, CuQ, CuK, Hq, group, L, S, IS_CAUSAL,
+                                                  BLOCK_M, VARLEN)
     if m0 < L:  # varlen: a tile past a shorter sequence's end has nothing to do
         key = (0, 0, 0)
         if DROPOUT:
@@ -381,21 +389,15 @@ def _bwd_tile(
         for g in range(group):
             h = hk * group + g
             bh = b * Hq + h
+            Lse_h, Delta_h, Mask_n = _head_rows(Lse, Delta, Mask, b, h, bh, q0, n0, L, Tq,
+                                                stride_mb, stride_mh, stride_mn, MASK, VARLEN)
             if VARLEN:
-                Lse_h = Lse + h.to(tl.int64) * Tq + q0
-                Delta_h = Delta + h.to(tl.int64) * Tq + q0
                 dq_row0 = q0.to(tl.int64) * Hq + h
                 dq_step = Hq
             else:
-                Lse_h = Lse + bh.to(tl.int64) * L
-                Delta_h = Delta + bh.to(tl.int64) * L
                 dq_row0 = bh.to(tl.int64) * L
                 dq_step = 1
             Sem_h = Sem + bh.to(tl.int64) * num_m
-            Mask_n = Mask
-            if MASK != 0:
-                Mask_n = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                          + tl.cast(n0, tl.int64) * stride_mn)
             if IS_CAUSAL:
                 dk, dv = _bwd_blocks_tma(
                     dk, dv, k, v, DescQ, DescDO, b, h, q0, Lse_h, Delta_h, DQacc, DQ, Sem_h,
@@ -409,18 +411,8 @@ def _bwd_tile(
                 L, S, qk_scale, scale, drop_thresh, drop_scale, mid, L, HEAD_E, BLOCK_M,
                 BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False, IS_CAUSAL, DROPOUT, IEEE, VARLEN, NT,
                 INTERP)
-        dk = dk * scale
-        offs_e = tl.arange(0, BLOCK_E)
-        offs_ev = tl.arange(0, BLOCK_EV)
-        n_ok = offs_n < S
-        if VARLEN:
-            rows = (k0 + offs_n).to(tl.int64) * Hk + hk
-        else:
-            rows = bhk.to(tl.int64) * S + offs_n
-        tl.store(DK + rows[:, None] * HEAD_E + offs_e[None, :], dk.to(DK.dtype.element_ty),
-                 mask=n_ok[:, None] & (offs_e < HEAD_E)[None, :])
-        tl.store(DV + rows[:, None] * HEAD_EV + offs_ev[None, :], dv.to(DV.dtype.element_ty),
-                 mask=n_ok[:, None] & (offs_ev < HEAD_EV)[None, :])
+        _store_rows(DK, dk * scale, offs_n, S, k0, bhk, Hk, HEAD_E, BLOCK_E, VARLEN)
+        _store_rows(DV, dv, offs_n, S, k0, bhk, Hk, HEAD_EV, BLOCK_EV, VARLEN)
 
 
 @triton.jit(do_not_specialize=["B", "Hq", "Hk", "group", "L", "S", "Tq", "drop_thresh"])
@@ -467,37 +459,342 @@ def _attn_bwd_tma(
 
 
 # ---------------------------------------------------------------------------------------------
+# Backward, split: dK/dV in one kernel, dQ in another (7 matmuls), both on TMA tiles.
+#
+# The fused kernel above keeps dK, dV and a dQ tile in registers at once; from head dim 128 on
+# that cannot be done without spills. These two kernels hold one side each:
+#   _attn_bwd_dkdv_tma  one program per (key block, b * Hk + hk): K, V, dK, dV held; query
+#                       tiles (Q, dO by TMA) stream by; S = Q K^T, dP = dO V^T, dV += P^T dO,
+#                       dK += dS^T Q (S with queries along its rows, as the fused kernel: lse
+#                       and D are 2 registers a thread, and a key past S needs no select: its
+#                       dK, dV rows are never stored). For GQA it walks the group's query
+#                       heads, so dK, dV are summed in registers in a fixed order.
+#   _attn_bwd_dq_tma    one program per (query block, b * Hq + h): Q, dO, dQ held; key tiles
+#                       (K, V by TMA) stream by; S, dP, dQ += dS K.
+# Tiles (CONFIGS "dkdv" / "dq"): 64 keys x 64 queries on one warpgroup for dK/dV (every wgmma
+# N >= 64; 128 keys on two warpgroups costs the same registers a thread), 128 queries x 64
+# keys on two warpgroups for dQ (each owns 64 query rows).
+#
+# Registers, dK/dV at head dim 128: dK and dV take 128 a thread, S/dP's wgmma 32, P 32, so
+# the rest must fit in ~60. Two habits keep it there: every dK/dV wgmma is waited at once
+# (_settled: an async one keeps its 16-register P^T / dS^T operand alive through the next
+# products), and with dropout the keep bit rides in P's sign bit (one tile, not two, lives
+# across the dP product).
+@triton.jit
+def _settled(x, INTERP: tl.constexpr):
+    # x once every wgmma writing it has completed: a use by inline PTX makes Triton wait for
+    # the wgmma right here (a plain move; ptxas folds it).
+    if INTERP:
+        return x
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _dkdv_blocks_tma(
+    dk, dv,  # [BLOCK_N, BLOCK_E], [BLOCK_N, BLOCK_EV] float32 accumulators
+    k, v,  # this program's key and value tiles
+    DescQ, DescDO, b, h, q0,  # query-side descriptors, batch, query head, first packed row
+    Lse_h, Delta_h,  # the head's lse and D at its first row
+    Mask_n,  # the mask at (b, h, 0, first key); unused unless MASK
+    stride_mm, stride_mn, key, bh,
+    n0, offs_n,  # this program's first key and its keys
+    L, S, qk_scale, drop_thresh, drop_scale,
+    lo, hi,  # query rows [lo, hi), lo a multiple of BLOCK_M
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr, INTERP: tl.constexpr,
+    PART: tl.constexpr,  # 0: dK and dV; 1: dV only; 2: dK only (dk, dv: the other unused)
+):
+    rows = tl.arange(0, BLOCK_M)
+    for m0 in tl.range(lo, hi, BLOCK_M):
+        offs_m = m0 + rows
+        row_ok = offs_m < L
+        q = _tile(DescQ, b, h, q0 + m0, BLOCK_M, BLOCK_E, VARLEN)
+        # Rows past L (TMA's zeros, or the next sequence's rows) have lse = +inf: p = 0.
+        lse2 = tl.load(Lse_h + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        s = s * qk_scale
+        if MASK != 0:
+            tile = rows[:, None] * stride_mm + tl.arange(0, BLOCK_N)[None, :] * stride_mn
+            mk = tl.load(Mask_n + tl.cast(m0, tl.int64) * stride_mm + tile,
+                         mask=row_ok[:, None] & (offs_n < S)[None, :], other=0)
+            if MASK == 1:
+                s = tl.where(mk != 0, s, float("-inf"))
+            else:
+                s = s + mk.to(tl.float32) * 1.4426950408889634
+        if CAUSAL:  # key n0 + c <= query m0 + r, spelled so that no key index is hoisted
+            s = tl.where((offs_m - n0)[:, None] - tl.arange(0, BLOCK_N)[None, :] >= 0, s,
+                         float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        do = _tile(DescDO, b, h, q0 + m0, BLOCK_M, BLOCK_EV, VARLEN)
+        if DROPOUT:
+            # The keep bit in p's sign (dropped: -p; a p of 0 adds nothing either way).
+            keep = _philox_keep(key, bh, offs_m, n0, drop_thresh, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, -p)
+        if PART != 2:
+            pd = p
+            if DROPOUT:
+                pd = tl.maximum(p, 0.0) * drop_scale
+            dv = _settled(_dot(tl.trans(pd.to(do.dtype)), do, dv, IEEE), INTERP)
+        if PART != 1:
+            Di = tl.load(Delta_h + offs_m, mask=row_ok, other=0.0)
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+            if DROPOUT:
+                dp = tl.where(p >= 0.0, dp * drop_scale, 0.0)
+                p = tl.abs(p)
+            ds = p * (dp - Di[:, None])
+            dk = _settled(_dot(tl.trans(ds.to(q.dtype)), q, dk, IEEE), INTERP)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["Hq", "Hk", "group", "L", "S", "Tq", "drop_thresh"])
+def _attn_bwd_dkdv_tma(
+    DescQ, DescK, DescV, DescDO, Lse, Delta, Mask, Rng, CuQ, CuK, DK, DV,  # as _attn_bwd_tma's
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, Hk, group, L, S, Tq,
+    qk_scale,  # scale * log2(e)
+    scale,  # the softmax scale (dK = scale * dS^T Q)
+    drop_thresh, drop_scale,
+    HEAD_E: tl.constexpr, HEAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per step
+    BLOCK_N: tl.constexpr,  # keys per program
+    BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
+    INTERP: tl.constexpr,  # Triton's interpreter (no inline PTX)
+    PART: tl.constexpr,  # 0: dK and dV; 1: dV only; 2: dK only (two launches, one product
+):  # fewer registers: the variants that would spill otherwise, CONFIGS)
+    num_n = tl.cdiv(S, BLOCK_N)
+    bhk = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    b = bhk // Hk
+    hk = bhk % Hk
+    n0 = pid_n * BLOCK_N
+    q0, k0, L, S = _seq_rows(CuQ, CuK, b, L, S, VARLEN)
+    if n0 < S:  # varlen: a key block past a shorter sequence's end has nothing to do
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _tile(DescK, b, hk, k0 + n0, BLOCK_N, BLOCK_E, VARLEN)
+        v = _tile(DescV, b, hk, k0 + n0, BLOCK_N, BLOCK_EV, VARLEN)
+        dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
+        key = (0, 0, 0)
+        if DROPOUT:
+            key = _philox_key(Rng)
+        lo, mid = _query_ranges(n0, L, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        for g in range(group):
+            h = hk * group + g
+            bh = b * Hq + h
+            Lse_h, Delta_h, Mask_n = _head_rows(Lse, Delta, Mask, b, h, bh, q0, n0, L, Tq,
+                                                stride_mb, stride_mh, stride_mn, MASK, VARLEN)
+            if IS_CAUSAL:
+                dk, dv = _dkdv_blocks_tma(
+                    dk, dv, k, v, DescQ, DescDO, b, h, q0, Lse_h, Delta_h, Mask_n, stride_mm,
+                    stride_mn, key, bh, n0, offs_n, L, S, qk_scale, drop_thresh, drop_scale,
+                    lo, mid, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, True, DROPOUT, IEEE,
+                    VARLEN, INTERP, PART)
+            dk, dv = _dkdv_blocks_tma(
+                dk, dv, k, v, DescQ, DescDO, b, h, q0, Lse_h, Delta_h, Mask_n, stride_mm,
+                stride_mn, key, bh, n0, offs_n, L, S, qk_scale, drop_thresh, drop_scale, mid,
+                L, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False, DROPOUT, IEEE, VARLEN,
+                INTERP, PART)
+        if PART != 1:
+            _store_rows(DK, dk * scale, offs_n, S, k0, bhk, Hk, HEAD_E, BLOCK_E, VARLEN)
+        if PART != 2:
+            _store_rows(DV, dv, offs_n, S, k0, bhk, Hk, HEAD_EV, BLOCK_EV, VARLEN)
+
+
+@triton.jit
+def _head_rows(Lse, Delta, Mask, b, h, bh, q0, n0, L, Tq, stride_mb, stride_mh, stride_mn,
+               MASK: tl.constexpr, VARLEN: tl.constexpr):
+    # (lse, D, mask) of query head h (bh = b * Hq + h): lse and D at its sequence's first row,
+    # the mask at (b, h, 0, key n0).
+    if VARLEN:
+        row0 = h.to(tl.int64) * Tq + q0
+    else:
+        row0 = bh.to(tl.int64) * L
+    Mask_n = Mask
+    if MASK != 0:
+        Mask_n = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                  + tl.cast(n0, tl.int64) * stride_mn)
+    return Lse + row0, Delta + row0, Mask_n
+
+
+@triton.jit
+def _store_rows(Out, x, offs, n, r0, bh, H, HEAD: tl.constexpr, BLOCK: tl.constexpr,
+                VARLEN: tl.constexpr):
+    # Rows offs (< n) of head bh's (dense) or of packed rows r0 + offs of head bh % H
+    # (varlen) of a contiguous (.., HEAD) output, in Out's dtype.
+    cols = tl.arange(0, BLOCK)
+    if VARLEN:
+        rows = (r0 + offs).to(tl.int64) * H + bh % H
+    else:
+        rows = bh.to(tl.int64) * n + offs
+    tl.store(Out + rows[:, None] * HEAD + cols[None, :], x.to(Out.dtype.element_ty),
+             mask=(offs < n)[:, None] & (cols < HEAD)[None, :])
+
+
+@triton.jit
+def _dq_blocks_tma(
+    dq,  # [BLOCK_M, BLOCK_E] float32 accumulator
+    q, do,  # this program's query and grad_out tiles
+    lse2, Di,  # [BLOCK_M] lse * log2(e) and D
+    DescK, DescV, b, hk, k0,  # key/value descriptors, batch, kv head, first packed key row
+    Mask_m,  # the mask at (b, h, first row, 0); unused unless MASK
+    stride_mm, stride_mn, key, bh,
+    offs_m, L, S, qk_scale, drop_thresh, drop_scale,
+    lo, hi,  # keys [lo, hi), lo a multiple of BLOCK_N
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    BOUNDS: tl.constexpr,  # mask keys past S: packed ones are the next sequence's rows (dense
+    DROPOUT: tl.constexpr,  # ones are TMA's zeros, and k = 0 adds nothing to dQ)
+    IEEE: tl.constexpr, VARLEN: tl.constexpr,
+):
+    rows = tl.arange(0, BLOCK_N)
+    for n0 in tl.range(lo, hi, BLOCK_N):
+        offs_n = n0 + rows
+        k = _tile(DescK, b, hk, k0 + n0, BLOCK_N, BLOCK_E, VARLEN)
+        v = _tile(DescV, b, hk, k0 + n0, BLOCK_N, BLOCK_EV, VARLEN)
+        dq = _dq_step(dq, q, do, k, v, lse2, Di, Mask_m + tl.cast(n0, tl.int64) * stride_mn,
+                      stride_mm, stride_mn, key, bh, offs_m, n0, offs_n, L, S, qk_scale,
+                      drop_thresh, drop_scale, BLOCK_M, BLOCK_N, MASK, CAUSAL, BOUNDS, DROPOUT,
+                      IEEE)
+    return dq
+
+
+@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "Tq", "drop_thresh"])
+def _attn_bwd_dq_tma(
+    DescQ, DescK, DescV, DescDO,  # as _attn_bwd_dkdv_tma's
+    Lse, Delta, Mask, Rng, CuQ, CuK,
+    DQ,  # (B, Hq, L, E) contiguous, q's dtype (varlen: (total_q, Hq, E))
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, group, L, S, Tq,
+    qk_scale,  # scale * log2(e)
+    scale,  # the softmax scale (dQ = scale * dS K)
+    drop_thresh, drop_scale,
+    HEAD_E: tl.constexpr, HEAD_EV: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per step
+    BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    # One program per (query block, b * Hq + h); causal: the longest rows first.
+    bh, b, h, hk, m0, q0, k0, L, S = _query_tile(tl.program_id(0), CuQ, CuK, Hq, group, L, S,
+                                                  IS_CAUSAL, BLOCK_M, VARLEN)
+    if m0 < L:  # varlen: a block past a shorter sequence's end has nothing to do
+        key = (0, 0, 0)
+        if DROPOUT:
+            key = _philox_key(Rng)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < L
+        q = _tile(DescQ, b, h, q0 + m0, BLOCK_M, BLOCK_E, VARLEN)
+        do = _tile(DescDO, b, h, q0 + m0, BLOCK_M, BLOCK_EV, VARLEN)
+        if VARLEN:
+            row64 = h.to(tl.int64) * Tq + q0 + offs_m
+        else:
+            row64 = bh.to(tl.int64) * L + offs_m
+        lse2 = tl.load(Lse + row64, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        Di = tl.load(Delta + row64, mask=row_ok, other=0.0)
+        Mask_m = Mask
+        if MASK != 0:
+            Mask_m = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                      + tl.cast(m0, tl.int64) * stride_mm)
+        dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+        full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _dq_blocks_tma(dq, q, do, lse2, Di, DescK, DescV, b, hk, k0, Mask_m, stride_mm,
+                            stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh, drop_scale,
+                            0, full_hi, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False, False,
+                            DROPOUT, IEEE, VARLEN)
+        dq = _dq_blocks_tma(dq, q, do, lse2, Di, DescK, DescV, b, hk, k0, Mask_m, stride_mm,
+                            stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh, drop_scale,
+                            full_hi, hi, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, IS_CAUSAL,
+                            VARLEN, DROPOUT, IEEE, VARLEN)
+        _store_rows(DQ, dq * scale, offs_m, L, q0, bh, Hq, HEAD_E, BLOCK_E, VARLEN)
+
+
+# ---------------------------------------------------------------------------------------------
 # Launch configuration and launchers (kernels/attention.py decides when these run).
 #
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, padded head dim and (causal, dropout):
-# the table of what these kernels cover. Only variants that compile without register spills
-# for sm_90a (ptxas of triton 3.6 and 3.8) are listed; kernels/attention.py runs its
-# FlashAttention-2 kernels for everything else (masks, head dims above 128, float32, and the
-# backward variants missing here). The forward splits BLOCK_M = 128 query rows between two
-# warpgroups (64 rows each): wgmma 64x128x16 for S = Q K^T with 128-key tiles, 64xEvx16 for
-# P V; with dropout at head dim 128 the 128-key tile spills, so 64 keys. The fused backward
-# holds dK and dV (64 keys x E, float32) and computes S, dP, dV, dK and dQ for 64 query rows
-# per step in one warpgroup (all wgmma 64x64x16 at head dim 64); every larger tile, the
-# causal and dropout variants and head dim 128 spill (64 .. 600 bytes, benchmarks/NOTES.md),
-# so the table leaves them to the three-kernel FlashAttention-2 backward.
+# the table of what these kernels cover; kernels/attention.py runs its FlashAttention-2
+# kernels for everything else (head dims above 128, float32, and what is left out below).
+# Each entry was compiled for sm_90a (ptxas of triton 3.6 and 3.8, bf16 and fp16) and
+# checked: no duplicated warpgroup work, every wgmma N >= 64, and no spills except the few
+# listed in SPILLS (tests/test_attention_sm90.py asserts all of it; benchmarks/NOTES.md has
+# the numbers).
+#   fwd   BLOCK_M = 128 query rows on two warpgroups (64 rows each): wgmma 64x128x16 for
+#         S = Q K^T with 128-key tiles, 64xEvx16 for P V; with dropout at head dim 128 the
+#         128-key tile spills, so 64 keys.
+#   bwd   the fused 5-matmul backward: dK and dV (64 keys x E, float32) and S, dP, dV, dK, dQ
+#         for 64 query rows per step on one warpgroup (wgmma 64x64x16 at head dim 64); every
+#         larger tile, its causal and dropout variants and head dim 128 spill (64 .. 600
+#         bytes), so those take the split backward.
+#   dkdv  the split backward's dK/dV kernel: 64 keys x 64 query rows per step on one
+#         warpgroup (two warpgroups need 128 keys: the same registers a thread).
+#   dq    the split backward's dQ kernel: 128 query rows (two warpgroups) x 64-key steps.
+def _every(tile):
+    return {(c, d): tile for c in (False, True) for d in (False, True)}
+
+
 CONFIGS = {
     "fwd": {
-        64: {(False, False): (128, 128, 8, 3), (True, False): (128, 128, 8, 3),
-             (False, True): (128, 128, 8, 3), (True, True): (128, 128, 8, 3)},
+        64: _every((128, 128, 8, 3)),
         128: {(False, False): (128, 128, 8, 2), (True, False): (128, 128, 8, 2),
               (False, True): (128, 64, 8, 2), (True, True): (128, 64, 8, 2)},
     },
     "bwd": {
         64: {(False, False): (64, 64, 4, 1)},
     },
+    "dkdv": {64: _every((64, 64, 4, 2)), 128: _every((64, 64, 4, 2))},
+    "dq": {64: _every((128, 64, 8, 2)), 128: _every((128, 64, 8, 2))},
 }
-# The kernels read masks (bool or float, any strides) as kernels/attention.py does, but the
-# mask tile and its addresses spill in every forward tile tried (56 .. 640 bytes): masks run on
-# the FlashAttention-2 kernels.
-MASKS = {"fwd": False, "bwd": False}
+# Masks (bool or float, any strides): the mask tile and its addresses spill in every forward
+# tile tried (56 .. 640 bytes) and in the fused backward; the split backward takes them.
+MASKS = {"fwd": False, "bwd": False, "dkdv": True, "dq": True}
 # Packed sequences (varlen) keep their offsets and lengths in registers as well: the fused
-# backward spills 40 bytes there (triton 3.6 and 3.8), so only the forward takes them.
-VARLEN = {"fwd": True, "bwd": False}
+# backward spills 40 bytes there (triton 3.6 and 3.8); the others take them.
+VARLEN = {"fwd": True, "bwd": False, "dkdv": True, "dq": True}
+# How the table chooses where a tile spills (ptxas of triton 3.8, bf16 and fp16 alike): a
+# spill whose loads and stores inside the tile loop are few (<= 8 a thread per step; local
+# memory is L1-cached) costs less than the alternatives, which are recomputing a product (the
+# two-launch dK/dV below: +1 matmul of 7, and Q, dO read twice) or the FlashAttention-2
+# kernels (at head dim 128 their dK/dV tiles put both warpgroups on the same 64 keys, so half
+# the S^T and dP^T work is done twice, on wgmmas of N = 16 .. 32). SPILLS lists every spill
+# accepted, as (local bytes, loads + stores inside the loops), which the SASS test checks.
+#
+# (kind, head dim, causal, dropout, masked, varlen) left to the FlashAttention-2 kernels
+# although CONFIGS lists the tile: dQ with a mask and dropout at head dim 128 spills 120 .. 208
+# bytes (26 .. 71 loads and stores a step) at 128 x 64 and 96 .. 184 bytes at 64 x 64.
+EXCLUDED = {("dq", 128, False, True, True, False)}
+# dK/dV variants (head dim, causal, dropout, mask kind (0 none, 1 bool, 2 float), varlen)
+# computed in two launches, dV then dK (PART 1 and 2 of _attn_bwd_dkdv_tma: S recomputed, 8
+# matmuls instead of 7): in one launch they spill 32 .. 440 bytes with 10 .. 448 loads and
+# stores a step, in two at most 56 bytes with at most 8 (SPILLS).
+DKDV_TWO_PASS = {
+    (128, True, True, 0, False), (128, False, False, 1, False), (128, False, False, 2, False),
+    (128, False, True, 1, False), (128, False, True, 2, False), (128, True, False, 0, True),
+    (128, False, True, 0, True), (128, True, True, 0, True), (64, False, True, 2, False),
+    (64, True, True, 0, True),
+}
+# Accepted spills: (kernel, PART, head dim, causal, dropout, mask kind, varlen) -> (bytes,
+# loads + stores inside the tile loops).
+SPILLS = {
+    ("fwd", None, 64, False, True, 0, True): (8, 3),  # fp16 only
+    ("fwd", None, 64, True, True, 0, True): (8, 3),  # fp16 only
+    ("dkdv", 0, 128, True, False, 0, False): (8, 2),
+    ("dkdv", 0, 128, False, True, 0, False): (16, 5),
+    ("dkdv", 2, 128, True, True, 0, False): (16, 2),
+    ("dkdv", 2, 128, False, True, 2, False): (16, 2),
+    ("dkdv", 2, 128, True, False, 0, True): (16, 8),
+    ("dkdv", 2, 128, True, True, 0, True): (56, 4),
+    ("dkdv", 2, 64, False, True, 2, False): (8, 6),
+    ("dq", None, 128, True, True, 0, False): (32, 4),
+    ("dq", None, 64, False, True, 1, False): (8, 0),
+}
 # Forward: a persistent grid (one program per SM looping over tiles) or one tile per program.
 PERSISTENT_FWD = False
 # Programs of the backward per SM (its tiles are handed out by tickets; see the docstring).
@@ -509,10 +806,20 @@ def _d(e, ev):
 
 
 def supports(kind, dtype, e, ev, masked, causal, dropout, varlen=False):
-    """Whether kernel `kind` ("fwd", "bwd") has a tile (CONFIGS) for these inputs."""
+    """Whether kernel `kind` ("fwd", "bwd" (fused), "dkdv", "dq") has a tile (CONFIGS) for
+    these inputs."""
+    d = _d(e, ev)
     return (dtype in (torch.float16, torch.bfloat16)
             and (MASKS[kind] or not masked) and (VARLEN[kind] or not varlen)
-            and (bool(causal), bool(dropout)) in CONFIGS[kind].get(_d(e, ev), {}))
+            and (bool(causal), bool(dropout)) in CONFIGS[kind].get(d, {})
+            and (kind, d, bool(causal), bool(dropout), bool(masked), bool(varlen))
+            not in EXCLUDED)
+
+
+def dkdv_parts(e, ev, mask_kind, causal, dropout, varlen=False):
+    """The PART of each _attn_bwd_dkdv_tma launch: (0,) one launch for dK and dV, or (1, 2)."""
+    key = (_d(e, ev), bool(causal), bool(dropout), int(mask_kind), bool(varlen))
+    return (1, 2) if key in DKDV_TWO_PASS else (0,)
 
 
 def tma_ready(*tensors):
@@ -568,7 +875,28 @@ def meta(kind, e, ev, m_len, n_len, mask_kind, causal, dropout, ieee, varlen, fi
              VARLEN=varlen, num_warps=warps, num_stages=stages)
     if kind == "bwd":
         m.update(HEAD_E=e, NT=32 * warps, INTERP=interpreting())
+    elif kind == "dkdv":
+        m.update(HEAD_E=e, INTERP=interpreting(), PART=0)
+    elif kind == "dq":
+        m["HEAD_E"] = e
     return m
+
+
+def split_call(kind, q, k, v, do, lse, delta, mask, rng, cu_q, cu_k, outs, ms, shape, tq,
+               scale, thresh, rscale, mt):
+    """(kernel, grid, args) of one launch of the split backward with meta `mt`: kind "dkdv"
+    (outs = (dk, dv)) or "dq" (outs = (dq,)). q, k, v, do are tensors (their descriptors are
+    built here); shape is (B, Hq, Hk, L, S, E, Ev) (varlen: B sequences, L, S the longest)."""
+    B, Hq, Hk, L, S, _, _ = shape
+    descs = bwd_descs(q, k, v, do, mt, mt["VARLEN"])
+    rest = (Hq // Hk, L, S, tq, scale * 1.4426950408889634, scale, thresh, rscale)
+    if kind == "dkdv":
+        grid = (triton.cdiv(S, mt["BLOCK_N"]) * B * Hk,)
+        return _attn_bwd_dkdv_tma, grid, (*descs, lse, delta, mask, rng, cu_q, cu_k, *outs,
+                                          *ms, Hq, Hk, *rest)
+    grid = (triton.cdiv(L, mt["BLOCK_M"]) * B * Hq,)
+    return _attn_bwd_dq_tma, grid, (*descs, lse, delta, mask, rng, cu_q, cu_k, *outs, *ms, Hq,
+                                    *rest)
 
 
 def interpreting():
@@ -595,42 +923,63 @@ def bwd_descs(q, k, v, do, mt, varlen):
             _desc(do, (1, 1, bm, bev)))
 
 
-def aot_specs(dtypes, head_dims=(64, 128), dropouts=(False,), causals=(False, True),
-              varlen=False):
-    """(kernel, args, meta) of the TMA kernels for ahead-of-time compilation (`fastlm compile`,
-    the SASS checks): per dtype (16-bit), head dim (E = Ev), causal or not and dropout or not
-    where CONFIGS has the variant, dense (or packed, `varlen`) for L = S = 1024 (lengths are
-    not specialized). Tensors are given as dtypes; the descriptors are built on small CPU
-    tensors (only their boxes and dtype reach the compiled kernel)."""
+def variants(kinds=("fwd", "bwd", "dkdv", "dq"), head_dims=(64, 128)):
+    """Every launch the table ships, as (kind, part, head dim, causal, dropout, mask kind,
+    varlen) tuples (part: the PART of a dK/dV launch, else None); masks never with causal."""
+    out = []
+    for kind in kinds:
+        for d in head_dims:
+            for varlen in (False, True):
+                for mask in (0,) if varlen else (0, 1, 2):
+                    for causal in (False,) if mask else (False, True):
+                        for dropout in (False, True):
+                            if not supports(kind, torch.bfloat16, d, d, mask != 0, causal,
+                                            dropout, varlen):
+                                continue
+                            parts = ((None,) if kind != "dkdv" else
+                                     dkdv_parts(d, d, mask, causal, dropout, varlen))
+                            out += [(kind, part, d, causal, dropout, mask, varlen)
+                                    for part in parts]
+    return out
+
+
+def aot_spec(dt, kind, part, d, causal, dropout, mask, varlen):
+    """(kernel, args, meta) of one launch of `variants` for ahead-of-time compilation (`fastlm
+    compile`, the SASS checks) with inputs of dtype dt: B = 4, Hq = Hk = 16, L = S = 1024
+    (dense, contiguous; lengths are not specialized) or 4 packed sequences (total 4096), a
+    contiguous (B, H, L, S) mask. Tensors are given as dtypes; the descriptors are built on
+    small CPU tensors (only their boxes and dtype reach the compiled kernel)."""
     from .attention import _fit
 
-    specs = []
-    for dt in dtypes:
-        if dt not in (torch.float16, torch.bfloat16):
-            continue
-        for d in head_dims:
-            x = torch.empty((16, 1, d) if varlen else (1, 1, 16, d), dtype=dt)
-            for dropout in dropouts:
-                for causal in causals:
-                    for kind in ("fwd", "bwd"):
-                        if supports(kind, dt, d, d, False, causal, dropout, varlen):
-                            mt = meta(kind, d, d, 1024, 1024, 0, causal, dropout, 0, varlen,
-                                      _fit)
-                            specs.append(_aot_spec(kind, x, mt, varlen, dt))
-    return specs
-
-
-def _aot_spec(kind, x, mt, varlen, dt):
-    """One (kernel, args, meta) of aot_specs: B = 4, Hq = Hk = 16 (lengths 1024, total 4096)."""
-    f32, i64, i32 = torch.float32, torch.int64, torch.int32
-    scale = 0.125
+    f32, i32 = torch.float32, torch.int32
+    mt = meta(kind, d, d, 1024, 1024, mask, causal, dropout, 0, varlen, _fit)
+    x = torch.empty((16, 1, d) if varlen else (1, 1, 16, d), dtype=dt)
+    # unused pointers are q's dtype, as the launches pass q for them
+    mp = (torch.uint8 if mask == 1 else dt) if mask else dt
+    rp = torch.int64 if dropout else dt
+    cu = (i32, i32) if varlen else (dt, dt)
+    ms = (1 << 24, 1 << 20, 1024, 1) if mask else (0, 0, 0, 0)
+    drop = (6554, 1.25) if dropout else (0, 1.0)
+    qk = 0.125 * 1.4426950408889634
     if kind == "fwd":
-        args = (*fwd_descs(x, x, x, x, mt, varlen), dt, i64, i32, i32, dt, f32, 0, 0, 0, 0, 4,
-                16, 1, 1024, 1024, 4096, scale * 1.4426950408889634, 0, 1.0)
+        args = (*fwd_descs(x, x, x, x, mt, varlen), mp, rp, *cu, dt, f32, *ms, 4, 16, 1, 1024,
+                1024, 4096, qk, *drop)
         return _attn_fwd_tma, args, mt
-    mt["INTERP"] = False
-    args = (*bwd_descs(x, x, x, x, mt, varlen), f32, f32, dt, i64, i32, i32, dt, dt, dt, f32,
-            i32, 0, 0, 0, 0, 4, 16, 16, 1, 1024, 1024, 4096, scale * 1.4426950408889634, scale,
-            0, 1.0)
-    return _attn_bwd_tma, args, mt
+    if kind == "bwd":
+        mt["INTERP"] = False
+        args = (*bwd_descs(x, x, x, x, mt, varlen), f32, f32, mp, rp, *cu, dt, dt, dt, f32,
+                i32, *ms, 4, 16, 16, 1, 1024, 1024, 4096, qk, 0.125, *drop)
+        return _attn_bwd_tma, args, mt
+    if kind == "dkdv":
+        mt.update(INTERP=False, PART=part)
+    kernel, _, args = split_call(kind, x, x, x, x, f32, f32, mp, rp, *cu,
+                                 (dt, dt) if kind == "dkdv" else (dt,), ms,
+                                 (4, 16, 16, 1024, 1024, d, d), 4096, 0.125, *drop, mt)
+    return kernel, args, mt
 
+
+def aot_specs(dtypes, head_dims=(64, 128)):
+    """aot_spec of the launches `fastlm compile` prepares: per 16-bit dtype and head dim, the
+    dense ones without mask or dropout (causal and not)."""
+    return [aot_spec(dt, *v) for dt in dtypes if dt in (torch.float16, torch.bfloat16)
+            for v in variants(head_dims=head_dims) if not (v[4] or v[5] or v[6])]
