@@ -133,6 +133,16 @@ inline void attn_check_fwd(const char* who, const at::Tensor& q, const at::Tenso
   }
 }
 
+// Checks of the options after scale (docs/attention.md, "Causal, windows, soft-capping").
+inline void attn_check_opts(const char* who, int64_t window_left, int64_t window_right,
+                            double softcap) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, who,
+              ": window_left and window_right must be >= -1 (-1: unbounded), got ", window_left,
+              " and ", window_right);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), who,
+              ": softcap must be finite and >= 0 (0: off), got ", softcap);
+}
+
 // Checks of attention_bwd's arguments: attention_fwd's, then grad_out, out and lse.
 inline void attn_check_bwd(const char* who, const at::Tensor& grad_out, const at::Tensor& q,
                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,

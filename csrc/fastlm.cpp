@@ -75,11 +75,18 @@ TORCH_LIBRARY(fastlm, m) {
   // (True = attend) or additive float; rng None or int64 (seed, offset) on q's device.
   // Returns (out (B,Hq,L,Ev) in q's dtype, lse (B,Hq,L) float32). docs/attention.md is the
   // contract: the math, empty rows (zeros, lse = +inf) and the dropout bits.
+  // The options after scale (docs/attention.md, "Causal, windows, soft-capping"): keys j that
+  // query i may attend lie within window_left below and window_right above its diagonal (-1:
+  // unbounded; is_causal caps window_right at 0), the diagonal at key i or, with lower_right,
+  // at key i + S - L; softcap > 0 caps the scaled scores at softcap * tanh(s / softcap)
+  // before the masks. The defaults are the plain op.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? rng,"
-        " float dropout_p, bool is_causal, float scale) -> (Tensor, Tensor)");
+        " float dropout_p, bool is_causal, float scale, int window_left=-1,"
+        " int window_right=-1, bool lower_right=False, float softcap=0.0) -> (Tensor, Tensor)");
   // Returns (grad_q, grad_k, grad_v), deterministic (fixed-order sums, no float atomics).
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-        " Tensor? mask, Tensor? rng, float dropout_p, bool is_causal, float scale)"
+        " Tensor? mask, Tensor? rng, float dropout_p, bool is_causal, float scale,"
+        " int window_left=-1, int window_right=-1, bool lower_right=False, float softcap=0.0)"
         " -> (Tensor, Tensor, Tensor)");
   // Attention over packed sequences (varlen): q (total_q,Hq,E), k (total_k,Hk,E),
   // v (total_k,Hk,Ev); cu_seqlens_q/_k int32 or int64 (n+1) offsets: sequence b is rows
@@ -87,11 +94,14 @@ TORCH_LIBRARY(fastlm, m) {
   // bound the lengths. Returns (out (total_q,Hq,Ev) in q's dtype, lse (Hq,total_q) float32).
   // Equal to attention_fwd on the padded (n,Hq,max_q,*) problem with a key-padding mask,
   // dropout bits included (docs/attention.md, "Varlen").
+  // The options as attention_fwd's, the diagonal aligned with each sequence's own lengths.
   m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,"
         " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? rng,"
-        " float dropout_p, bool is_causal, float scale) -> (Tensor, Tensor)");
+        " float dropout_p, bool is_causal, float scale, int window_left=-1,"
+        " int window_right=-1, bool lower_right=False, float softcap=0.0) -> (Tensor, Tensor)");
   m.def("varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
         " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
-        " int max_seqlen_k, Tensor? rng, float dropout_p, bool is_causal, float scale)"
+        " int max_seqlen_k, Tensor? rng, float dropout_p, bool is_causal, float scale,"
+        " int window_left=-1, int window_right=-1, bool lower_right=False, float softcap=0.0)"
         " -> (Tensor, Tensor, Tensor)");
 }

@@ -29,6 +29,12 @@
 // The number of chunks depends only on the shapes, never on the thread count, and every sum
 // runs in a fixed order, so the gradients are bit-identical for any number of threads.
 //
+// Causal masking and sliding windows are one rule (Window below): query i may attend key j iff
+// d = j - i - off lies within [-left, right] (a bound of -1 is none; causal is right = 0; off =
+// S - L for the lower-right diagonal, else 0); only the key (query) blocks that hold such pairs
+// are visited and only tiles that cross a bound are edited. Soft-capping replaces the scaled
+// scores s by softcap tanh(s / softcap) before any mask, and multiplies ds by 1 - tanh^2.
+//
 // Varlen (packed sequences of different lengths, fastlm.varlen_attention) runs the same two
 // drivers: each (batch, head) item gets a base row and a length from the sequence offsets
 // (Problem::seq), and work past a sequence's end is skipped; nothing is padded.
@@ -628,12 +634,82 @@ struct MaskView {
   }
 };
 
-// Top-left causal on a tile: -inf where key j0 + jj > query i0 + ii.
-void causal_tile(float* S, int64_t si, int64_t sj, int64_t ni, int64_t nk, int64_t i0,
-                 int64_t j0) {
-  for (int64_t ii = 0; ii < ni; ++ii)
-    for (int64_t jj = std::max<int64_t>(0, i0 + ii + 1 - j0); jj < nk; ++jj)
-      S[ii * si + jj * sj] = -kInf;
+// Causal and sliding windows (docs/attention.md): query i may attend key j iff d = j - i - off
+// has d <= right (unless right < 0) and d >= -left (unless left < 0); off = S - L of the
+// (sequence's) lengths for the lower-right diagonal, else 0. Top-left causal is
+// {left -1, right 0}.
+struct Window {
+  int64_t left = -1, right = -1;
+  bool lower_right = false;
+  bool on() const { return left >= 0 || right >= 0; }
+  int64_t off(int64_t L, int64_t S) const { return lower_right ? S - L : 0; }
+  // Keys [lo, hi) that some query of [i0, i0 + ni) may attend, of S (hi <= lo: none).
+  void keys(int64_t i0, int64_t ni, int64_t S, int64_t off, int64_t& lo, int64_t& hi) const {
+    lo = left >= 0 ? std::max<int64_t>(0, i0 + off - left) : 0;
+    hi = right >= 0 ? std::min<int64_t>(S, i0 + ni + off + right) : S;
+  }
+  // Queries [lo, hi) that may attend some key of [j0, j0 + nk), of L.
+  void queries(int64_t j0, int64_t nk, int64_t L, int64_t off, int64_t& lo,
+               int64_t& hi) const {
+    lo = right >= 0 ? std::max<int64_t>(0, j0 - off - right) : 0;
+    hi = left >= 0 ? std::min<int64_t>(L, j0 + nk - off + left) : L;
+  }
+  // Whether every (query, key) of the tile may attend (no edit needed).
+  bool full(int64_t i0, int64_t ni, int64_t j0, int64_t nk, int64_t off) const {
+    return (right < 0 || j0 + nk - 1 - i0 - off <= right) &&
+           (left < 0 || i0 + ni - 1 - j0 + off <= left);
+  }
+  // -inf on the tile S[ii * si + jj * sj] (query i0 + ii, key j0 + jj) where not allowed.
+  void apply(float* S, int64_t si, int64_t sj, int64_t ni, int64_t nk, int64_t i0, int64_t j0,
+             int64_t off) const {
+    for (int64_t ii = 0; ii < ni; ++ii) {
+      const int64_t d0 = j0 - (i0 + ii) - off;  // d of key jj = 0
+      const int64_t jlo = left >= 0 ? std::max<int64_t>(0, -left - d0) : 0;
+      const int64_t jhi = right >= 0 ? std::min<int64_t>(nk, right - d0 + 1) : nk;
+      for (int64_t jj = 0; jj < nk; ++jj)
+        if (jj < jlo || jj >= jhi) S[ii * si + jj * sj] = -kInf;
+    }
+  }
+};
+
+// tanh in float32 (Cephes tanhf): an odd polynomial below |x| = 0.625 (relative error ~1e-7),
+// 1 - 2 / (e^(2|x|) + 1) above (vexp2 saturates at 2^126, where the result is 1).
+FASTLM_INLINE vf vtanh(vf x) {
+  const vf zero = vf{};
+  const vf a = x < zero ? -x : x;
+  const vf z = x * x;
+  vf p = vset(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const vf small = p * z * x + x;
+  vf big = 1.f - 2.f / (vexp2(a * 2.8853900817779268f) + 1.f);
+  big = x < zero ? -big : big;
+  return a < vset(0.625f) ? small : big;
+}
+
+// Soft-capping of n rows of nc scores (nc a multiple of W; row stride ld; log2 units):
+// s = c tanh(s / c) with c = softcap * log2(e); t (same layout, or null) gets tanh(s / c) for
+// the backward.
+FASTLM_CLONES void softcap_tile(float* S, int64_t n, int64_t nc, int64_t ld, float c,
+                                float* t) {
+  const vf inv = vset(1.f / c), cv = vset(c);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j < nc; j += W) {
+      const vf th = vtanh(vld(S + r * ld + j) * inv);
+      vst(S + r * ld + j, cv * th);
+      if (t) vst(t + r * ld + j, th);
+    }
+}
+
+// ds by the uncapped scores: ds *= 1 - t^2 on n rows of nc (a multiple of W), row stride ld.
+FASTLM_CLONES void softcap_grad(float* dS, const float* t, int64_t n, int64_t nc, int64_t ld) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j < nc; j += W) {
+      const vf th = vld(t + r * ld + j);
+      vst(dS + r * ld + j, vld(dS + r * ld + j) * (1.f - th * th));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -651,7 +727,8 @@ struct Problem {
   const void *q, *k, *v;
   int64_t sq[3], sk[3], sv[3];
   MaskView mask;
-  bool causal;
+  Window win;  // causal and sliding windows
+  float softcap;  // 0: off
   float scale;
   bool dropout;
   uint64_t seed, offset;
@@ -700,10 +777,11 @@ FASTLM_INLINE void prefetch_rows(const T* p, int64_t ld, int64_t rows, int64_t b
   }
 }
 
-// First key block (exclusive end) a causal query block [i0, i0 + ni) can see.
-FASTLM_INLINE int64_t causal_kb_end(int64_t i0, int64_t ni, int64_t S, int64_t bk) {
-  const int64_t jmax = std::min(S - 1, i0 + ni - 1);
-  return jmax < 0 ? 0 : jmax / bk + 1;
+// The blocks [first, end) of size bk that hold the rows [lo, hi) (none when hi <= lo).
+FASTLM_INLINE void block_span(int64_t lo, int64_t hi, int64_t bk, int64_t& first,
+                              int64_t& end) {
+  first = lo / bk;
+  end = hi > lo ? (hi + bk - 1) / bk : first;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -754,8 +832,13 @@ void attn_fwd(const Problem& P, T* out, float* lse) {
       std::fill(m, m + kFq, -kInf);
       std::fill(l, l + kFq, 0.f);
       std::fill(O, O + ni * Evp, 0.f);
-      const int64_t kb_end = P.causal ? causal_kb_end(i0, ni, Sk, kFk) : nkb;
-      for (int64_t kb = 0; kb < kb_end; ++kb) {
+      const int64_t off = P.win.off(Lq, Sk);
+      int64_t jlo = 0, jhi = Sk, kb_begin = 0, kb_end = nkb;
+      if (P.win.on()) {
+        P.win.keys(i0, ni, Sk, off, jlo, jhi);
+        block_span(jlo, jhi, kFk, kb_begin, kb_end);
+      }
+      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         const int64_t j0 = kb * kFk, nk = std::min(kFk, Sk - j0);
         // Ask for the next key block's K and V rows now (into L2): they arrive while this
         // block is computed instead of stalling its tile products.
@@ -782,11 +865,14 @@ void attn_fwd(const Problem& P, T* out, float* lse) {
           C::load_rows(kp + j0 * P.sk[2], P.sk[2], nk, E, Kc, E, 1.f);
           A = Kc;
         }
-        // Column maxima come with the product unless causal or the mask changes the scores.
-        const bool raw = !(P.causal && j0 + nk - 1 > i0) && mk != kMaskApply;
+        // Column maxima come with the product unless soft-capping, a window bound or the mask
+        // changes the scores.
+        const bool edit = P.win.on() && !P.win.full(i0, ni, j0, nk, off);
+        const bool raw = !edit && mk != kMaskApply && P.softcap == 0.f;
         if (raw) std::fill(tmax, tmax + nip, -kInf);
         gemm(nk, nip, E, A, lda, 1, Qt, kFq, St, kFq, kSet, nullptr, raw ? tmax : nullptr);
-        if (P.causal && j0 + nk - 1 > i0) causal_tile(St, 1, kFq, ni, nk, i0, j0);
+        if (P.softcap > 0.f) softcap_tile(St, nk, nip, kFq, P.softcap * kLog2e, nullptr);
+        if (edit) P.win.apply(St, 1, kFq, ni, nk, i0, j0, off);
         if (mk == kMaskApply) P.mask.apply(St, 1, kFq, mp, ni, nk);
         if (P.dropout)
           dropout_tile(Zr, 1, kFq, ni, nk, i0, j0, uint32_t(bh), P.seed, P.offset, P.thresh,
@@ -878,8 +964,9 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
     const int64_t nKt = E * kBk, nVt = Ev * kBk, nKr = q_direct ? 0 : kBk * Ep;
     const int64_t ndK = kBk * Ep, ndV = kBk * Evp;
     const int64_t nQ = q_direct ? 0 : kBq * Ep, ndO = do_direct ? 0 : kBq * Evp;
-    const int64_t nT = kBq * kBk, nZ = P.dropout ? nT : 0;
-    std::unique_ptr<float[]> ws(new float[nKt + nVt + nKr + ndK + ndV + nQ + ndO + 2 * nT + nZ]);
+    const int64_t nT = kBq * kBk, nZ = P.dropout ? nT : 0, nC = P.softcap > 0.f ? nT : 0;
+    std::unique_ptr<float[]> ws(
+        new float[nKt + nVt + nKr + ndK + ndV + nQ + ndO + 2 * nT + nZ + nC]);
     float* Kt = ws.get();
     float* Vt = Kt + nKt;
     float* Kr = Vt + nVt;
@@ -890,12 +977,14 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
     float* Sb = dOc + ndO;
     float* dPb = Sb + nT;
     float* Zr = dPb + nT;
+    float* Th = Zr + nZ;  // soft-capping: tanh of the scores
     for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < units;) {
       // Under causal the first chunks (early keys) carry the most work: hand them out first.
       const int64_t c = u / BG, bg = u % BG, b = bg / Hk, g = bg % Hk;
       const Problem::Seq sg = P.seq(b);
       const int64_t Lq = sg.L, Sk = sg.S;
       const int64_t nqb = (Lq + kBq - 1) / kBq, nkb_b = (Sk + kBk - 1) / kBk;
+      const int64_t off = P.win.off(Lq, Sk);
       const int64_t kb0 = c * nkb_b / NC, kb1 = (c + 1) * nkb_b / NC;
       float* dqa = dq_part(c);
       const T* kp = k + b * P.sk[0] + g * P.sk[1] + sg.k0 * P.sk[2];
@@ -916,12 +1005,17 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
         }
         std::fill(dKa, dKa + nk * Ep, 0.f);
         std::fill(dVa, dVa + nk * Evp, 0.f);
-        const int64_t qb0 = P.causal ? j0 / kBq : 0;
+        int64_t qb0 = 0, qb1 = nqb;
+        if (P.win.on()) {
+          int64_t ilo, ihi;
+          P.win.queries(j0, nk, Lq, off, ilo, ihi);
+          block_span(ilo, ihi, kBq, qb0, qb1);
+        }
         for (int64_t t = 0; t < G; ++t) {
           const int64_t h = g * G + t, bh = b * Hq + h;
-          for (int64_t qb = qb0; qb < nqb; ++qb) {
+          for (int64_t qb = qb0; qb < qb1; ++qb) {
             const int64_t i0 = qb * kBq, ni = std::min(kBq, Lq - i0);
-            if (qb + 1 < nqb) P.mask.prefetch(b, h, i0 + kBq, j0, std::min(kBq, Lq - i0 - kBq), nk);
+            if (qb + 1 < qb1) P.mask.prefetch(b, h, i0 + kBq, j0, std::min(kBq, Lq - i0 - kBq), nk);
             int mk = kMaskNoop;
             const char* mp = nullptr;
             if (P.mask.type != kNoMask) {
@@ -950,13 +1044,16 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
             }
             // Scores (log2 units) and dp, queries x keys.
             gemm(ni, nkp, E, Qa, ldq, 1, Kt, kBk, Sb, kBk, kSet, nullptr, nullptr);
-            if (P.causal && j0 + nk - 1 > i0) causal_tile(Sb, kBk, 1, ni, nk, i0, j0);
+            if (P.softcap > 0.f) softcap_tile(Sb, ni, nkp, kBk, P.softcap * kLog2e, Th);
+            if (P.win.on() && !P.win.full(i0, ni, j0, nk, off))
+              P.win.apply(Sb, kBk, 1, ni, nk, i0, j0, off);
             if (mk == kMaskApply) P.mask.apply(Sb, kBk, 1, mp, ni, nk);
             gemm(ni, nkp, Ev, dOa, lddo, 1, Vt, kBk, dPb, kBk, kSet, nullptr, nullptr);
             if (P.dropout)
               dropout_tile(Zr, kBk, 1, ni, nk, i0, j0, uint32_t(bh), P.seed, P.offset, P.thresh,
                            P.r);
             bwd_tile(Sb, dPb, ni, nkp / W, kBk, lse + lr, Dv + lr, P.dropout ? Zr : nullptr);
+            if (P.softcap > 0.f) softcap_grad(dPb, Th, ni, nkp, kBk);
             // dv += (p z r)^T dout;  dk += ds^T q;  dq += ds k  (scale applied at the end).
             gemm(nk, Evp, ni, Sb, 1, kBk, dOa, lddo, dVa, Evp, kAdd, nullptr, nullptr);
             gemm(nk, Ep, ni, dPb, 1, kBk, Qa, ldq, dKa, Ep, kAdd, nullptr, nullptr);
@@ -992,9 +1089,17 @@ void attn_bwd(const Problem& P, const T* dout, const int64_t* sdo, const T* o, c
 
 // ---------------------------------------------------------------------------------------------
 // Op entry points.
+// The options after scale (docs/attention.md): window bounds (causal caps the right one at 0),
+// the diagonal, soft-capping.
+struct Opts {
+  int64_t window_left = -1, window_right = -1;
+  bool lower_right = false;
+  double softcap = 0.0;
+};
+
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng,
-                     double dropout_p, bool is_causal, double scale) {
+                     double dropout_p, bool is_causal, double scale, const Opts& o) {
   Problem P;
   P.B = q.size(0);
   P.Hq = q.size(1);
@@ -1024,7 +1129,11 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     }
     for (int d = 0; d < 4; ++d) P.mask.s[d] = m.stride(d);
   }
-  P.causal = is_causal;
+  P.win.left = o.window_left;
+  P.win.right = is_causal ? (o.window_right < 0 ? 0 : std::min<int64_t>(o.window_right, 0))
+                          : o.window_right;
+  P.win.lower_right = o.lower_right;
+  P.softcap = float(o.softcap);
   P.scale = float(scale);
   P.thresh = dropout_p > 0.0 ? dropout_threshold(dropout_p) : 0u;
   P.dropout = P.thresh > 0u;  // thresh 0 keeps every key with r = 1: nothing to do
@@ -1105,15 +1214,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(
   return {dq, dk, dv};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                     const at::Tensor& v,
-                                                     const std::optional<at::Tensor>& mask,
-                                                     const std::optional<at::Tensor>& rng,
-                                                     double dropout_p, bool is_causal,
-                                                     double scale) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng,
+    double dropout_p, bool is_causal, double scale, int64_t window_left, int64_t window_right,
+    bool lower_right, double softcap) {
   const char* who = "fastlm.attention_fwd";
   attn_check_fwd(who, q, k, v, mask, rng, dropout_p, is_causal);
-  const Problem P = make_problem(q, k, v, mask, rng, dropout_p, is_causal, scale);
+  attn_check_opts(who, window_left, window_right, softcap);
+  const Problem P = make_problem(q, k, v, mask, rng, dropout_p, is_causal, scale,
+                                 {window_left, window_right, lower_right, softcap});
   return run_fwd(who, P, at::empty({P.B, P.Hq, P.L, P.Ev}, q.options()),
                  at::empty({P.B, P.Hq, P.L}, q.options().dtype(at::kFloat)));
 }
@@ -1121,10 +1231,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal, double scale) {
+    const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal, double scale,
+    int64_t window_left, int64_t window_right, bool lower_right, double softcap) {
   const char* who = "fastlm.attention_bwd";
   attn_check_bwd(who, grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal);
-  const Problem P = make_problem(q, k, v, mask, rng, dropout_p, is_causal, scale);
+  attn_check_opts(who, window_left, window_right, softcap);
+  const Problem P = make_problem(q, k, v, mask, rng, dropout_p, is_causal, scale,
+                                 {window_left, window_right, lower_right, softcap});
   return run_bwd(who, P, grad_out, q, k, v, out, lse);
 }
 
@@ -1163,13 +1276,15 @@ struct Varlen {
 Varlen make_varlen(const char* who, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
                    int64_t max_q, int64_t max_k, const std::optional<at::Tensor>& rng,
-                   double dropout_p, bool is_causal, double scale) {
+                   double dropout_p, bool is_causal, double scale, const Opts& o) {
+  attn_check_opts(who, o.window_left, o.window_right, o.softcap);
   Varlen V;
   int64_t Lmax, Smax;
   std::tie(V.cu_q, Lmax) = varlen_offsets(who, "cu_seqlens_q", cu_q, q.size(0), max_q);
   std::tie(V.cu_k, Smax) = varlen_offsets(who, "cu_seqlens_k", cu_k, k.size(0), max_k);
   Problem& P = V.P;
-  P = make_problem(as_4d(q), as_4d(k), as_4d(v), std::nullopt, rng, dropout_p, is_causal, scale);
+  P = make_problem(as_4d(q), as_4d(k), as_4d(v), std::nullopt, rng, dropout_p, is_causal, scale,
+                   o);
   const int64_t Tq = q.size(0);
   P.B = cu_q.numel() - 1;
   P.L = Lmax;  // the longest sequences (block counts): read from the offsets, not max_seqlen
@@ -1194,11 +1309,13 @@ Varlen make_varlen(const char* who, const at::Tensor& q, const at::Tensor& k,
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
     const at::Tensor& cu_k, int64_t max_q, int64_t max_k, const std::optional<at::Tensor>& rng,
-    double dropout_p, bool is_causal, double scale) {
+    double dropout_p, bool is_causal, double scale, int64_t window_left, int64_t window_right,
+    bool lower_right, double softcap) {
   const char* who = "fastlm.varlen_attention_fwd";
   varlen_check(who, q, k, v, cu_q, cu_k, rng, dropout_p, is_causal);
   const Varlen V = make_varlen(who, q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p,
-                               is_causal, scale);
+                               is_causal, scale,
+                               {window_left, window_right, lower_right, softcap});
   const Problem& P = V.P;
   return run_fwd(who, P, at::empty({q.size(0), P.Hq, P.Ev}, q.options()),
                  at::empty({P.Hq, q.size(0)}, q.options().dtype(at::kFloat)));
@@ -1208,11 +1325,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q,
     const at::Tensor& cu_k, int64_t max_q, int64_t max_k, const std::optional<at::Tensor>& rng,
-    double dropout_p, bool is_causal, double scale) {
+    double dropout_p, bool is_causal, double scale, int64_t window_left, int64_t window_right,
+    bool lower_right, double softcap) {
   const char* who = "fastlm.varlen_attention_bwd";
   varlen_check_bwd(who, grad_out, q, k, v, out, lse, cu_q, cu_k, rng, dropout_p, is_causal);
   const Varlen V = make_varlen(who, q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p,
-                               is_causal, scale);
+                               is_causal, scale,
+                               {window_left, window_right, lower_right, softcap});
   return run_bwd(who, V.P, grad_out, q, k, v, out, lse);
 }
 

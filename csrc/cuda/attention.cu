@@ -1514,15 +1514,29 @@ void launch_bwd(const char* who, AttnParams& p, at::ScalarType st, int64_t B, in
   });
 }
 
+// The options after scale (docs/attention.md, "Causal, windows, soft-capping") are not in these
+// kernels yet: fastlm.scaled_dot_product_attention and fastlm.varlen_attention run calls that
+// set them on another backend (fastlm/ops/attention.py), so only the defaults reach here.
+void check_no_opts(const char* who, int64_t window_left, int64_t window_right,
+                   bool lower_right, double softcap) {
+  attn_check_opts(who, window_left, window_right, softcap);
+  TORCH_CHECK(window_left == -1 && window_right == -1 && !lower_right && softcap == 0.0, who,
+              ": the CUDA kernels do not implement window_left/window_right, lower_right or "
+              "softcap yet (use the triton or cpu backend)");
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query,
                                                       const at::Tensor& key,
                                                       const at::Tensor& value,
                                                       const std::optional<at::Tensor>& mask,
                                                       const std::optional<at::Tensor>& rng,
                                                       double dropout_p, bool is_causal,
-                                                      double scale) {
+                                                      double scale, int64_t window_left,
+                                                      int64_t window_right, bool lower_right,
+                                                      double softcap) {
   const char* who = kFwd;
   attn_check_fwd(who, query, key, value, mask, rng, dropout_p, is_causal);
+  check_no_opts(who, window_left, window_right, lower_right, softcap);
   check_head_dims(who, query.size(3), value.size(3));
   check_sizes(who, query, key);
   c10::cuda::CUDAGuard guard(query.device());
@@ -1554,9 +1568,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng,
-    double dropout_p, bool is_causal, double scale) {
+    double dropout_p, bool is_causal, double scale, int64_t window_left, int64_t window_right,
+    bool lower_right, double softcap) {
   const char* who = kBwd;
   attn_check_bwd(who, grad_out, query, key, value, out, lse, mask, rng, dropout_p, is_causal);
+  check_no_opts(who, window_left, window_right, lower_right, softcap);
   check_head_dims(who, query.size(3), value.size(3));
   check_sizes(who, query, key);
   const int64_t B = query.size(0), Hq = query.size(1), L = query.size(2), S = key.size(2);
@@ -1652,9 +1668,11 @@ at::Tensor varlen_ready(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
-    const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal, double scale) {
+    const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal, double scale,
+    int64_t window_left, int64_t window_right, bool lower_right, double softcap) {
   const char* who = "fastlm.varlen_attention_fwd";
   varlen_check(who, query, key, value, cu_q, cu_k, rng, dropout_p, is_causal);
+  check_no_opts(who, window_left, window_right, lower_right, softcap);
   check_head_dims(who, query.size(2), value.size(2));
   c10::cuda::CUDAGuard guard(query.device());
   const int64_t Tq = query.size(0), Hq = query.size(1), Ev = value.size(2);
@@ -1680,10 +1698,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
-    const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal, double scale) {
+    const std::optional<at::Tensor>& rng, double dropout_p, bool is_causal, double scale,
+    int64_t window_left, int64_t window_right, bool lower_right, double softcap) {
   const char* who = "fastlm.varlen_attention_bwd";
   varlen_check_bwd(who, grad_out, query, key, value, out, lse, cu_q, cu_k, rng, dropout_p,
                    is_causal);
+  check_no_opts(who, window_left, window_right, lower_right, softcap);
   check_head_dims(who, query.size(2), value.size(2));
   c10::cuda::CUDAGuard guard(query.device());
   at::Tensor dq = at::empty(query.sizes(), query.options());

@@ -90,20 +90,55 @@ def dropout_keep(rng: Tensor, B: int, H: int, L: int, S: int, dropout_p: float) 
 
 
 # ---------------------------------------------------------------------------------------------
+# The diagonal options (docs/attention.md, "Causal, windows, soft-capping").
+def window_bounds(is_causal, window_size):
+    """(left, right) key bounds around the diagonal, -1 = unbounded: window_size, with causal
+    capping right at 0 (as flash-attn)."""
+    left, right = (int(w) for w in window_size)
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def allowed_keys(L, S, left, right, lower_right, device):
+    """The (L, S) bool mask of the keys query i may attend under the bounds (left, right) of
+    window_bounds, the diagonal at key i (upper left) or i + S - L (lower_right); None when
+    both bounds are unbounded."""
+    if left < 0 and right < 0:
+        return None
+    d = (torch.arange(S, device=device).view(1, S) - torch.arange(L, device=device).view(L, 1)
+         - ((S - L) if lower_right else 0))
+    ok = torch.ones(L, S, dtype=torch.bool, device=device)
+    if right >= 0:
+        ok &= d <= right
+    if left >= 0:
+        ok &= -d <= left
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
 # Reference: the canonical ops in plain PyTorch (float32, or float64 for float64 input).
-def _scores(q, k, mask, is_causal, scale, ct):
-    """Masked scaled scores (B, Hq, L, S) in ct; k already expanded to Hq heads."""
+def _scores(q, k, mask, is_causal, scale, ct, window=(-1, -1), lower_right=False, softcap=0.0,
+            dcap=False):
+    """Masked scaled scores (B, Hq, L, S) in ct; k already expanded to Hq heads. softcap > 0:
+    softcap * tanh(scores / softcap) before the masks. With dcap, also the derivative of the
+    capped scores by the uncapped ones (1 - tanh^2; 1 without soft-capping)."""
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     L, S = s.shape[-2], s.shape[-1]
-    if is_causal:
-        allowed = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
+    grad = 1.0
+    if softcap > 0.0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+        grad = 1.0 - t * t
+    allowed = allowed_keys(L, S, *window_bounds(is_causal, window), lower_right, s.device)
+    if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
             s = s.masked_fill(~mask, float("-inf"))
         else:
             s = s + mask.to(ct)
-    return s
+    return (s, grad) if dcap else s
 
 
 def _expand_kv(t, hq):
@@ -111,8 +146,8 @@ def _expand_kv(t, hq):
     return t if hk == hq else t.repeat_interleave(hq // hk, dim=1)
 
 
-def _probs(q, k, mask, is_causal, scale, ct):
-    s = _scores(q, _expand_kv(k, q.shape[1]), mask, is_causal, scale, ct)
+def _probs(q, k, mask, is_causal, scale, ct, opts=()):
+    s = _scores(q, _expand_kv(k, q.shape[1]), mask, is_causal, scale, ct, *opts)
     lse = torch.logsumexp(s, dim=-1)
     empty = torch.isneginf(lse)
     lse = torch.where(empty, torch.full_like(lse, float("inf")), lse)
@@ -136,10 +171,16 @@ def _ct(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def reference_attention_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale):
+def _opts(window_left, window_right, lower_right, softcap):
+    return ((window_left, window_right), bool(lower_right), float(softcap))
+
+
+def reference_attention_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale, window_left=-1,
+                            window_right=-1, lower_right=False, softcap=0.0):
     """attention_fwd of docs/attention.md: (out in q's dtype, lse float32)."""
     ct = _ct(q)
-    p, lse = _probs(q, k, mask, is_causal, scale, ct)
+    p, lse = _probs(q, k, mask, is_causal, scale, ct,
+                    _opts(window_left, window_right, lower_right, softcap))
     pd = _dropped(p, q, k.shape[2], rng, dropout_p, ct)
     out = torch.matmul(pd, _expand_kv(v, q.shape[1]).to(ct))
     return out.to(q.dtype), lse.to(torch.float32)
@@ -153,12 +194,14 @@ def _fold_heads(g, hk):
     return g.view(b, hk, hq // hk, *g.shape[2:]).sum(2)
 
 
-def reference_attention_bwd(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale):
+def reference_attention_bwd(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale,
+                            window_left=-1, window_right=-1, lower_right=False, softcap=0.0):
     """attention_bwd of docs/attention.md: (grad_q, grad_k, grad_v) with q, k, v's dtypes."""
     ct = _ct(q)
     hq, hk = q.shape[1], k.shape[1]
     ke, ve = _expand_kv(k, hq).to(ct), _expand_kv(v, hq).to(ct)
-    s = _scores(q, ke, mask, is_causal, scale, ct)
+    s, dcap = _scores(q, ke, mask, is_causal, scale, ct,
+                      *_opts(window_left, window_right, lower_right, softcap), dcap=True)
     p = torch.exp(s - lse.to(ct).unsqueeze(-1))
     do = grad_out.to(ct)
     z = 1.0
@@ -168,7 +211,7 @@ def reference_attention_bwd(grad_out, q, k, v, out, lse, mask, rng, dropout_p, i
     dv = torch.matmul((p * z).transpose(-1, -2), do)
     dp = torch.matmul(do, ve.transpose(-1, -2)) * z
     d = (do * out.to(ct)).sum(-1, keepdim=True)
-    ds = p * (dp - d)
+    ds = p * (dp - d) * dcap
     dq = torch.matmul(ds, ke) * scale
     dk = torch.matmul(ds.transpose(-1, -2), q.to(ct)) * scale
     return (dq.to(q.dtype), _fold_heads(dk, hk).to(k.dtype), _fold_heads(dv, hk).to(v.dtype))
@@ -203,65 +246,89 @@ def _unpad(t, cu, total):
     return t[b, :, r - cu[b]]
 
 
-def _varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal):
+def _varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
+                   window=(-1, -1), lower_right=False):
     """q, k, v padded to (n, H, max_seqlen, *), the index of q's rows, and the (n, 1, max_q,
-    max_k) mask of the keys each query may attend (the sequence's, causal within it)."""
+    max_k) mask of the keys each query may attend (the sequence's, causal and within the
+    window inside it, the diagonal aligned with each sequence's own lengths)."""
     rq, vq = _varlen_index(cu_seqlens_q, max_seqlen_q)
     rk, vk = _varlen_index(cu_seqlens_k, max_seqlen_k)
     mask = vk.view(vk.shape[0], 1, 1, max_seqlen_k).expand(-1, 1, max_seqlen_q, -1)
-    if is_causal:
-        mask = mask & torch.ones(max_seqlen_q, max_seqlen_k, dtype=torch.bool,
-                                 device=q.device).tril()
+    left, right = window_bounds(is_causal, window)
+    if left >= 0 or right >= 0:
+        dev = q.device
+        off = torch.zeros(vq.shape[0], dtype=torch.int64, device=dev)
+        if lower_right:  # each sequence's own S - L
+            off = vk.sum(1) - vq.sum(1)
+        d = (torch.arange(max_seqlen_k, device=dev).view(1, 1, -1)
+             - torch.arange(max_seqlen_q, device=dev).view(1, -1, 1) - off.view(-1, 1, 1))
+        ok = torch.ones_like(d, dtype=torch.bool)
+        if right >= 0:
+            ok &= d <= right
+        if left >= 0:
+            ok &= -d <= left
+        mask = mask & ok.unsqueeze(1)
     return _pad(q, rq, vq), _pad(k, rk, vk), _pad(v, rk, vk), (rq, vq), (rk, vk), mask
 
 
 def reference_varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k, rng, dropout_p, is_causal, scale):
+                                   max_seqlen_k, rng, dropout_p, is_causal, scale, window_left=-1,
+                                   window_right=-1, lower_right=False, softcap=0.0):
     """varlen_attention_fwd of docs/attention.md: (out (total_q, Hq, Ev) in q's dtype, lse
     (Hq, total_q) float32): reference_attention_fwd on the padded problem with the key-padding
-    (and causal) mask, hence its dropout bits (bh = b * Hq + h, positions within sequence b)."""
+    (and causal, window) mask, hence its dropout bits (bh = b * Hq + h, positions within
+    sequence b)."""
     qp, kp, vp, _, _, mask = _varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                            max_seqlen_k, is_causal)
-    out, lse = reference_attention_fwd(qp, kp, vp, mask, rng, dropout_p, False, scale)
+                                            max_seqlen_k, is_causal,
+                                            (window_left, window_right), lower_right)
+    out, lse = reference_attention_fwd(qp, kp, vp, mask, rng, dropout_p, False, scale,
+                                       softcap=softcap)
     total = q.shape[0]
     return (_unpad(out, cu_seqlens_q, total),
             _unpad(lse.unsqueeze(-1), cu_seqlens_q, total).squeeze(-1).t().contiguous())
 
 
 def reference_varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                   max_seqlen_q, max_seqlen_k, rng, dropout_p, is_causal, scale):
+                                   max_seqlen_q, max_seqlen_k, rng, dropout_p, is_causal, scale,
+                                   window_left=-1, window_right=-1, lower_right=False,
+                                   softcap=0.0):
     """varlen_attention_bwd of docs/attention.md: (grad_q, grad_k, grad_v), packed like q, k, v:
     reference_attention_bwd on the padded problem (padded rows: no gradient, lse +inf)."""
     qp, kp, vp, (rq, vq), _, mask = _varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                   max_seqlen_q, max_seqlen_k, is_causal)
+                                                   max_seqlen_q, max_seqlen_k, is_causal,
+                                                   (window_left, window_right), lower_right)
     dop, op = _pad(grad_out, rq, vq), _pad(out, rq, vq)
     lp = _pad(lse.t().unsqueeze(-1), rq, vq, float("inf")).squeeze(-1)
     dq, dk, dv = reference_attention_bwd(dop, qp, kp, vp, op, lp, mask, rng, dropout_p, False,
-                                         scale)
+                                         scale, softcap=softcap)
     return (_unpad(dq, cu_seqlens_q, q.shape[0]), _unpad(dk, cu_seqlens_k, k.shape[0]),
             _unpad(dv, cu_seqlens_k, k.shape[0]))
 
 
 # ---------------------------------------------------------------------------------------------
 # Fake kernels (shapes and dtypes only), shared by the C++ and the Triton ops.
-def _fake_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale):
+def _fake_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale, window_left=-1, window_right=-1,
+              lower_right=False, softcap=0.0):
     b, h, l = q.shape[0], q.shape[1], q.shape[2]
     out = q.new_empty((b, h, l, v.shape[3]))
     return out, q.new_empty((b, h, l), dtype=torch.float32)
 
 
-def _fake_bwd(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale):
+def _fake_bwd(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale,
+              window_left=-1, window_right=-1, lower_right=False, softcap=0.0):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng,
-                     dropout_p, is_causal, scale):
+                     dropout_p, is_causal, scale, window_left=-1, window_right=-1,
+                     lower_right=False, softcap=0.0):
     t, h = q.shape[0], q.shape[1]
     return q.new_empty((t, h, v.shape[2])), q.new_empty((h, t), dtype=torch.float32)
 
 
 def _fake_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k, rng, dropout_p, is_causal, scale):
+                     max_seqlen_k, rng, dropout_p, is_causal, scale, window_left=-1,
+                     window_right=-1, lower_right=False, softcap=0.0):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
@@ -343,15 +410,21 @@ def _register_triton_ops():
     @triton_op("fastlm::attention_fwd_triton", mutates_args=())
     def attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                              rng: Optional[Tensor], dropout_p: float, is_causal: bool,
-                             scale: float) -> tuple[Tensor, Tensor]:
-        return tk.forward(q, k, v, mask, rng, dropout_p, is_causal, scale)
+                             scale: float, window_left: int = -1, window_right: int = -1,
+                             lower_right: bool = False,
+                             softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+        return tk.forward(q, k, v, mask, rng, dropout_p, is_causal, scale, window_left,
+                          window_right, lower_right, softcap)
 
     @triton_op("fastlm::attention_bwd_triton", mutates_args=())
     def attention_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                              lse: Tensor, mask: Optional[Tensor], rng: Optional[Tensor],
-                             dropout_p: float, is_causal: bool,
-                             scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        return tk.backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale)
+                             dropout_p: float, is_causal: bool, scale: float,
+                             window_left: int = -1, window_right: int = -1,
+                             lower_right: bool = False,
+                             softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+        return tk.backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale,
+                           window_left, window_right, lower_right, softcap)
 
     _register("fastlm::attention_fwd_triton", "fastlm::attention_bwd_triton",
               torch.ops.fastlm.attention_bwd_triton)
@@ -365,18 +438,24 @@ def _register_triton_varlen_ops(tk):
     def varlen_attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                                     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                     rng: Optional[Tensor], dropout_p: float, is_causal: bool,
-                                    scale: float) -> tuple[Tensor, Tensor]:
+                                    scale: float, window_left: int = -1, window_right: int = -1,
+                                    lower_right: bool = False,
+                                    softcap: float = 0.0) -> tuple[Tensor, Tensor]:
         return tk.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                 max_seqlen_k, rng, dropout_p, is_causal, scale)
+                                 max_seqlen_k, rng, dropout_p, is_causal, scale, window_left,
+                                 window_right, lower_right, softcap)
 
     @triton_op("fastlm::varlen_attention_bwd_triton", mutates_args=())
     def varlen_attention_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                     out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
                                     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                     rng: Optional[Tensor], dropout_p: float, is_causal: bool,
-                                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                                    scale: float, window_left: int = -1, window_right: int = -1,
+                                    lower_right: bool = False,
+                                    softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
         return tk.varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                  max_seqlen_q, max_seqlen_k, rng, dropout_p, is_causal, scale)
+                                  max_seqlen_q, max_seqlen_k, rng, dropout_p, is_causal, scale,
+                                  window_left, window_right, lower_right, softcap)
 
     _register_varlen("fastlm::varlen_attention_fwd_triton", "fastlm::varlen_attention_bwd_triton",
                      torch.ops.fastlm.varlen_attention_bwd_triton)
@@ -427,6 +506,50 @@ def _check_qkv(who, names, tensors, ndim=None):
 def _check_dropout(who, dropout_p):
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise _err(ValueError, f"dropout_p must be in [0, 1], got {dropout_p}", who)
+
+
+def _check_options(who, window_size, lower_right, softcap):
+    """(window_left, window_right, lower_right, softcap) of the keyword options, checked."""
+    try:
+        left, right = window_size
+        ok = all(isinstance(w, int) and not isinstance(w, bool) or (
+            isinstance(w, Tensor) and w.dim() == 0 and not w.is_floating_point())
+            for w in (left, right))
+        left, right = int(left), int(right)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or left < -1 or right < -1:
+        raise _err(ValueError, f"window_size must be a pair of ints (left, right), each >= -1 "
+                               f"(-1: unbounded), got {window_size!r}", who)
+    if not isinstance(lower_right, bool):
+        raise _err(TypeError, f"lower_right must be a bool, got {type(lower_right).__name__}",
+                   who)
+    try:
+        softcap = float(softcap)
+    except (TypeError, ValueError):
+        raise _err(TypeError, f"softcap must be a float, got {type(softcap).__name__}",
+                   who) from None
+    if not 0.0 <= softcap < math.inf:  # (NaN fails too)
+        raise _err(ValueError, f"softcap must be finite and >= 0 (0: off), got {softcap}", who)
+    return left, right, lower_right, softcap
+
+
+def _plain(opts):
+    return opts == (-1, -1, False, 0.0)
+
+
+def _route_options(who, name, device, opts):
+    """The backend for a call with the options `opts` set: the CUDA C++ kernels do not have
+    them yet, so such calls run on Triton (else the reference), said once."""
+    if name != "cuda" or _plain(opts):
+        return name
+    to = "triton" if backends.available()["triton"][device.type][0] else "torch"
+    if backends.forced() == "cuda":
+        raise _err(ValueError, "the cuda backend does not implement window_size, lower_right "
+                               "or softcap yet (use the triton or cpu backend)", who)
+    log_once(f"{who}-options-cuda", f"{who}: window_size, lower_right and softcap are not in "
+             f"the CUDA C++ kernels yet: such calls run on the {to} backend")
+    return to
 
 
 def _check_inputs(query, key, value, attn_mask, dropout_p):
@@ -535,8 +658,9 @@ def _is_causal_bias(attn_mask):
 def _from_causal_bias(bias, is_causal, query, key, value):
     """(attn_mask, is_causal) for a CausalBias, by torch's rules (CausalBias._dispatch): the
     upper-left variant, or equal lengths, is is_causal=True (fastlm's causal is upper-left, as
-    torch's); lower-right is its bool mask, True on and below the diagonal that ends in the
-    bottom-right corner (rows above the first key attend to nothing: zeros, see above)."""
+    torch's); lower-right is is_causal "lower_right": the kernels' causal with the diagonal
+    that ends in the bottom-right corner (rows above the first key attend to nothing: zeros,
+    see above)."""
     from torch.nn.attention.bias import CausalVariant
 
     if is_causal:
@@ -562,27 +686,45 @@ def _from_causal_bias(bias, is_causal, query, key, value):
             raise _err(ValueError, f"Expected query, key, and value to all be  at least 2 "
                                    f"dimensional, but got query.dim: {query.dim()}, key.dim: "
                                    f"{key.dim()} and value.dim: {value.dim()} instead.")
-    dev = getattr(query, "device", None)  # (a query that is no Tensor is rejected next)
-    return torch.ones(L, S, dtype=torch.bool, device=dev).tril(S - L), False
+    return None, "lower_right"
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, scale=None, enable_gqa=False):
+                                 is_causal=False, scale=None, enable_gqa=False, *,
+                                 window_size=(-1, -1), lower_right=False, softcap=0.0):
     """torch.nn.functional.scaled_dot_product_attention on fastlm's fused kernels.
 
     Same arguments, broadcasting and result, except that a query row that may attend to no key
-    gives zeros (and zero gradients) on every backend (torch gives NaN on some of its paths). Dropout bits come from fastlm's Philox
-    stream (docs/attention.md), seeded from torch's generator. float64 runs on the reference; a
-    floating attn_mask that requires grad runs on the reference (the kernels do not compute the
-    mask's gradient). Head dims up to 256. attn_mask may be a torch.nn.attention.bias
-    CausalBias (causal_upper_left / causal_lower_right), as in torch.
+    gives zeros (and zero gradients) on every backend (torch gives NaN on some of its paths).
+    Dropout bits come from fastlm's Philox stream (docs/attention.md), seeded from torch's
+    generator. float64 runs on the reference; a floating attn_mask that requires grad runs on
+    the reference (the kernels do not compute the mask's gradient). Head dims up to 256.
+    attn_mask may be a torch.nn.attention.bias CausalBias (causal_upper_left /
+    causal_lower_right), as in torch.
+
+    fastlm's keyword-only options (docs/attention.md, "Causal, windows, soft-capping"; the
+    defaults are torch's function):
+      window_size=(left, right): query i attends only keys within `left` below and `right`
+        above its diagonal (-1: unbounded), as flash-attn's; with is_causal, right is at most 0.
+        Not together with attn_mask (fold the window into the mask).
+      lower_right: the diagonal of is_causal and of the window ends in the bottom-right corner
+        (query i faces key i + S - L; torch's causal_lower_right, flash-attn's convention)
+        instead of starting in the top-left one (torch's is_causal).
+      softcap > 0: the scaled scores s become softcap * tanh(s / softcap) before any mask
+        (Gemma-2's logit soft-capping).
     """
     if _is_causal_bias(attn_mask):
         attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, query, key, value)
+        if is_causal == "lower_right":
+            is_causal, lower_right = True, True
     _check_inputs(query, key, value, attn_mask, dropout_p)
+    opts = _check_options(_WHO, window_size, lower_right, softcap)
     if attn_mask is not None and is_causal:
         # torch's words (users match on them); a RuntimeError, as torch's, and a ValueError
         raise _err(ValueError, "Explicit attn_mask should not be set when is_causal=True")
+    if attn_mask is not None and (opts[0] >= 0 or opts[1] >= 0):
+        raise _err(ValueError, "attn_mask and window_size cannot be combined: fold the window "
+                               "into the mask")
     dev = query.device
     if torch.is_autocast_enabled(dev.type) and query.dtype != torch.float64:
         dt = torch.get_autocast_dtype(dev.type)  # sdpa is on autocast's lower-precision list
@@ -610,16 +752,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         name = "torch"
     if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
         name = "torch"
+    name = _route_options(_WHO, name, dev, opts)
     rng = _new_rng(dev) if dropout_p > 0.0 else None
+    # the options ride after scale only when set: the default call is unchanged (opcheck,
+    # torch.compile graphs, older ops)
+    extra = () if _plain(opts) else opts
     if name == "torch":
-        out, _ = reference_attention_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale)
+        out, _ = reference_attention_fwd(q, k, v, mask, rng, dropout_p, is_causal, scale, *extra)
     else:
         if name == "triton":
             triton_ops_ready()
             op = torch.ops.fastlm.attention_fwd_triton
         else:
             op = torch.ops.fastlm.attention_fwd
-        out, _ = op(q, k, v, mask, rng, dropout_p, is_causal, scale)
+        out, _ = op(q, k, v, mask, rng, dropout_p, is_causal, scale, *extra)
     return out.reshape(out_shape)
 
 
@@ -650,7 +796,8 @@ def _varlen_check_offsets(who, cu_seqlens_q, cu_seqlens_k, total_q, total_k, max
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+                     dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+                     window_size=(-1, -1), lower_right=False, softcap=0.0):
     """Attention over packed sequences of different lengths, with no padding computed.
 
     q: (total_q, Hq, E), k: (total_k, Hk, E), v: (total_k, Hk, Ev); cu_seqlens_q/_k: int32 or
@@ -664,9 +811,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     to (n, Hq, max_seqlen_q, *) with the padded keys masked out. The offsets are checked on the
     host, reading cu_seqlens once (one device-to-host copy; under torch.compile the same checks
     run as device-side asserts instead).
+
+    window_size, lower_right and softcap are scaled_dot_product_attention's options, the
+    diagonal aligned with each sequence's own lengths.
     """
     who = "fastlm.varlen_attention"
     _check_qkv(who, ("q", "k", "v"), (q, k, v), ndim=3)
+    opts = _check_options(who, window_size, lower_right, softcap)
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if (not isinstance(t, Tensor) or t.dim() != 1 or t.numel() < 1
                 or t.dtype not in (torch.int32, torch.int64)):
@@ -715,8 +866,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         name = _beyond_head_dim(who)
     if q.numel() == 0 or k.shape[0] == 0 or Ev == 0:
         name = "torch"
+    name = _route_options(who, name, dev, opts)
     rng = _new_rng(dev) if dropout_p > 0.0 else None
-    args = (cu_q, cu_k, max_seqlen_q, max_seqlen_k, rng, dropout_p, bool(is_causal), scale)
+    args = (cu_q, cu_k, max_seqlen_q, max_seqlen_k, rng, dropout_p, bool(is_causal), scale,
+            *(() if _plain(opts) else opts))
     if name == "torch":
         out, _ = reference_varlen_attention_fwd(q, k, v, *args)
     else:
