@@ -104,6 +104,18 @@ def test_static_shared_memory_is_poison_in_every_block(emu):
     assert torch.isnan(out[1:]).all(), "another block saw block 0's static shared values"
 
 
+def test_static_shared_array_keeps_its_place_when_more_slots_map_it(emu):
+    """Regression: the per-slot copies of a static array lived in a vector, so the launch that
+    first used slot 1 moved slot 0's copy while the emulator's registry of guarded regions still
+    pointed at the old one; a later launch then read freed memory (CI died of a segfault in
+    check_global_canaries, depending on the schedule). One block, then many, then many again:
+    every launch runs, and the block reads the values its own threads wrote."""
+    for blocks in (1, 6, 6, 1):
+        out = emu.probe_static_slots(blocks).view(blocks, -1)
+        assert torch.equal(out, torch.arange(blocks, dtype=torch.float32)[:, None].expand_as(out))
+    assert emu.probe_static_oob(15).item() == 2.0
+
+
 def test_static_shared_array_out_of_bounds_fails(emu):
     assert emu.probe_static_oob(15).item() == 2.0
     with pytest.raises(RuntimeError, match=r"probe_static_oob.*thread \(0,0,0\): invalid write at "

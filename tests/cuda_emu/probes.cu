@@ -51,6 +51,16 @@ __global__ void probe_static_oob(float* out, int index) {
   }
 }
 
+// Its own static array (used by one test only): the first launch of one block maps slot 0's
+// copy, a launch of more blocks then maps slot 1's, and slot 0's must stay where the emulator's
+// fault handler and canary checks look for it.
+__global__ void probe_static_slots(float* out) {
+  __shared__ float s[kThreads];
+  s[threadIdx.x] = float(blockIdx.x);
+  __syncthreads();
+  out[blockIdx.x * kThreads + threadIdx.x] = s[(threadIdx.x + 1) % kThreads];
+}
+
 // A local read before it is written: the register's poison pattern.
 __global__ void probe_register(uint32_t* out) {
   uint32_t x[4];
@@ -113,6 +123,12 @@ at::Tensor static_smem(int64_t blocks) {
   return out;
 }
 
+at::Tensor static_slots(int64_t blocks) {
+  at::Tensor out = at::empty({blocks * kThreads}, at::TensorOptions().dtype(at::kFloat));
+  probe_static_slots<<<unsigned(blocks), kThreads>>>(out.mutable_data_ptr<float>());
+  return out;
+}
+
 at::Tensor static_oob(int64_t index) {
   at::Tensor out = at::empty({1}, at::TensorOptions().dtype(at::kFloat));
   probe_static_oob<<<1, 32>>>(out.mutable_data_ptr<float>(), int(index));
@@ -154,6 +170,7 @@ TORCH_LIBRARY_FRAGMENT(fastlm_emu, m) {
   m.def("probe_dyn_smem(Tensor(a!) out, int smem, int index, int opt_in) -> Tensor(a!)",
         probes::dyn_smem);
   m.def("probe_static_smem(int blocks) -> Tensor", probes::static_smem);
+  m.def("probe_static_slots(int blocks) -> Tensor", probes::static_slots);
   m.def("probe_static_oob(int index) -> Tensor", probes::static_oob);
   m.def("probe_registers() -> Tensor", probes::registers);
   m.def("probe_order(int blocks) -> Tensor", probes::order);

@@ -43,6 +43,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <random>
@@ -433,7 +434,9 @@ inline void warp_collective(const char* kind, const In& mine, F&& compute) {
 // kStaticWindow on; poison again whenever a new block first reaches the declaration.
 struct StaticShared {
   size_t bytes = 0, window = 0;
-  std::vector<Region> per_slot;
+  // A deque: growing it keeps the earlier slots' Regions where regions() points at them (a
+  // vector moved them, and the fault handler and the canary checks read freed memory).
+  std::deque<Region> per_slot;
   std::vector<uint64_t> epoch;
   const char* name = "";
   void* get() {
@@ -447,6 +450,10 @@ struct StaticShared {
     if (reg.map == nullptr && !map_region(reg, bytes, 64 << 10, 64 << 10, "static __shared__ array"))
       fail("cannot map a static shared array");
     if (epoch[b.slot] != b.epoch) {
+      // The fault handler and the canary checks find this Region through regions().
+      auto it = regions().find(reg.map);
+      if (it == regions().end() || it->second != &reg)
+        fail("cuda emulator bug: a static shared array's Region moved after it was mapped");
       epoch[b.slot] = b.epoch;
       std::memset(reg.base, kPoison, bytes);
       b.statics.push_back(this);
