@@ -123,8 +123,8 @@ def _scores(
     CAUSAL: tl.constexpr,  # apply j <= i here
     BOUNDS: tl.constexpr,  # apply j < S here
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    win=(-1, -1, 0),  # WINDOW: (left, right, diagonal offset) of _window
-    WINDOW: tl.constexpr = False,  # apply the window (in place of CAUSAL) here
+    win,  # WINDOW: (left, right, diagonal offset) of _window
+    WINDOW: tl.constexpr,  # apply the window (in place of CAUSAL) here
 ):
     # Scores in base 2: (scale * q.k + m) * log2(e), -inf where the key may not be attended.
     s = s * qk_scale
@@ -304,8 +304,8 @@ def _fwd_blocks(
     BLOCK_EV: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,
-    win=(-1, -1, 0), cap2=0.0,  # _window's (left, right, off); softcap * log2(e)
-    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+    win, cap2,  # _window's (left, right, off); softcap * log2(e)
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -369,8 +369,8 @@ def _attn_fwd(
     DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,  # float32 inputs: exact float32 dots
     VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
-    WINDOW: tl.constexpr = False,  # a window or the lower-right diagonal (then not IS_CAUSAL)
-    SOFTCAP: tl.constexpr = False,
+    WINDOW: tl.constexpr,  # a window or the lower-right diagonal (then not IS_CAUSAL)
+    SOFTCAP: tl.constexpr,
 ):
     # One program per (query block, b * Hq + h); the query blocks of a head are adjacent so
     # they share its k and v in L2. Causal: the longest rows first (fewer stragglers).
@@ -531,8 +531,8 @@ def _dkdv_blocks(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_EV: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    win=(-1, -1, 0), cap2=0.0,  # as _fwd_blocks'
-    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+    win, cap2,  # as _fwd_blocks'
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -629,8 +629,8 @@ def _attn_bwd_dkdv(
     DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,
     VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
-    WINDOW: tl.constexpr = False,
-    SOFTCAP: tl.constexpr = False,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     # One program per (key block, b * Hk + hk); causal work shrinks with the key index, so the
     # natural order already starts the longest programs first.
@@ -727,8 +727,8 @@ def _dq_blocks(
     BLOCK_EV: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,
-    win=(-1, -1, 0), cap2=0.0,  # as _fwd_blocks'
-    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+    win, cap2,  # as _fwd_blocks'
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -754,8 +754,8 @@ def _dq_blocks(
 def _dq_step(dq, q, do, k, v, lse2, Di, Mask_blk, stride_mm, stride_mn, key, bh, offs_m, n0,
              offs_n, L, S, qk_scale, drop_thresh, drop_scale, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-             BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, win=(-1, -1, 0),
-             cap2=0.0, WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False):
+             BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, win, cap2,
+             WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     # dq + dS K of one key block (k, v; keys offs_n from n0; the mask at its first key):
     # S = Q K^T, P from the saved lse, dP = dO V^T (z r), dS = P (dP - D) (soft-capping: times
     # 1 - tanh^2).
@@ -815,8 +815,8 @@ def _attn_bwd_dq(
     DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,
     VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
-    WINDOW: tl.constexpr = False,
-    SOFTCAP: tl.constexpr = False,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     # One program per (query block, b * Hq + h); the query blocks of a head are adjacent so
     # they share its k and v in L2. Causal: the longest rows first (fewer stragglers).
@@ -1072,13 +1072,10 @@ def _meta(kind, dtype, e, ev, m_len, n_len, mask_kind, causal, dropout, arch, va
     window, softcap, _ = opts or _PLAIN
     extras = min(2, int(mask_kind != 0) + int(dropout) + int(window or softcap))
     bm, bn, warps, stages = _config(kind, dtype, e, ev, arch, extras, varlen)
-    meta = dict(HEAD_E=e, HEAD_EV=ev, BLOCK_M=_fit(bm, m_len), BLOCK_N=_fit(bn, n_len),
+    return dict(HEAD_E=e, HEAD_EV=ev, BLOCK_M=_fit(bm, m_len), BLOCK_N=_fit(bn, n_len),
                 BLOCK_E=_pad(e), BLOCK_EV=_pad(ev), MASK=mask_kind, IS_CAUSAL=causal,
-                DROPOUT=dropout, IEEE=_dot_mode(dtype), VARLEN=varlen, num_warps=warps,
-                num_stages=stages)
-    if window or softcap:
-        meta.update(WINDOW=window, SOFTCAP=softcap)
-    return meta
+                DROPOUT=dropout, IEEE=_dot_mode(dtype), VARLEN=varlen, WINDOW=window,
+                SOFTCAP=softcap, num_warps=warps, num_stages=stages)
 
 
 # The plain launch's options: no window, no soft-capping (kernel defaults).

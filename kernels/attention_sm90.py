@@ -121,7 +121,8 @@ def _fwd_blocks_tma(
         k = _tile(DescK, b, hk, k0 + n0, BLOCK_N, BLOCK_E, VARLEN)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
         s = _scores(s, Mask_m + tl.cast(n0, tl.int64) * stride_mn, stride_mm, stride_mn, offs_m,
-                    offs_n, L, S, qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N)
+                    offs_n, L, S, qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N, (-1, -1, 0),
+                    False)
         p, acc, l_i, m_new = _online_softmax(s, acc, l_i, m_i, key, bh, offs_m, n0,
                                              drop_thresh, DROPOUT, BLOCK_M, BLOCK_N)
         v = _tile(DescV, b, hk, k0 + n0, BLOCK_N, BLOCK_EV, VARLEN)
@@ -331,10 +332,12 @@ def _bwd_blocks_tma(
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
         if VARLEN:  # keys past the sequence (the next one's rows) must not reach dQ
             s = _scores(s, Mask_n + tl.cast(m0, tl.int64) * stride_mm, stride_mm, stride_mn,
-                        offs_m, offs_n, L, S, qk_scale, MASK, CAUSAL, True, BLOCK_M, BLOCK_N)
+                        offs_m, offs_n, L, S, qk_scale, MASK, CAUSAL, True, BLOCK_M, BLOCK_N,
+                        (-1, -1, 0), False)
         else:  # dense keys past S are TMA's zeros: k = v = 0 adds nothing to dQ, dK, dV
             s = _scores(s, Mask_n + tl.cast(m0, tl.int64) * stride_mm, stride_mm, stride_mn,
-                        offs_m, offs_n, L, S, qk_scale, MASK, CAUSAL, False, BLOCK_M, BLOCK_N)
+                        offs_m, offs_n, L, S, qk_scale, MASK, CAUSAL, False, BLOCK_M, BLOCK_N,
+                        (-1, -1, 0), False)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
         if DROPOUT:
@@ -661,7 +664,7 @@ def _dq_blocks_tma(
         dq = _dq_step(dq, q, do, k, v, lse2, Di, Mask_m + tl.cast(n0, tl.int64) * stride_mn,
                       stride_mm, stride_mn, key, bh, offs_m, n0, offs_n, L, S, qk_scale,
                       drop_thresh, drop_scale, BLOCK_M, BLOCK_N, MASK, CAUSAL, BOUNDS, DROPOUT,
-                      IEEE)
+                      IEEE, (-1, -1, 0), 0.0, False, False)
     return dq
 
 
