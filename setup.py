@@ -24,7 +24,6 @@ sys.path.pop(0)
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.optim", "fastlm.models", "fastlm.bench",
             "fastlm.kernels"]
-PACKAGE_DIR = {"fastlm.kernels": "kernels"}
 
 
 # Sources with Hopper-only kernels: compiled for sm_90a wherever the build targets sm_90, with
@@ -143,7 +142,6 @@ ext_modules, cmdclass = extensions()
 
 setup(
     packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

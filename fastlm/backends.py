@@ -1,6 +1,6 @@
 """Which backends exist here, which one runs, and the switches that override the choice.
 
-Backends: ``cuda`` (CUDA C++ kernels in fastlm._C), ``triton`` (kernels/), ``cpu`` (C++ CPU
+Backends: ``cuda`` (CUDA C++ kernels in fastlm._C), ``triton`` (fastlm/kernels/), ``cpu`` (C++ CPU
 kernels in fastlm._C) and ``torch`` (the pure-PyTorch reference). The default for a tensor is
 the fastest available backend for its device: per op on a GPU (CUDA_ORDER, else cuda > triton >
 torch), cpu > torch on the CPU. Override with ``with fastlm.use_backend("triton"): ...`` or the

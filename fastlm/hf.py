@@ -33,8 +33,6 @@ import functools
 import importlib
 import inspect
 import logging
-import os
-import sys
 import types
 
 import torch
@@ -43,26 +41,10 @@ import torch.nn.functional as F
 logger = logging.getLogger("fastlm")
 
 
-def _import_transformers():
-    """Import transformers' modeling code with the `kernels` package it imports (Hugging Face's)
-    rather than a fastlm checkout's kernels/ folder (installed as fastlm.kernels), which shadows
-    it while the checkout's root is on sys.path (python run from the repository root)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ours = os.path.join(root, "kernels")
-    mod = sys.modules.get("kernels")
-    if mod is not None and os.path.dirname(os.path.abspath(getattr(mod, "__file__", "") or "")) \
-            == ours:
-        del sys.modules["kernels"]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
-    try:
-        importlib.import_module("transformers.modeling_utils")
-        importlib.import_module("transformers.masking_utils")
-    finally:
-        sys.path[:] = saved
-
-
-_import_transformers()
+# The modeling code the patches hook into (imported here so a missing transformers fails at
+# import with transformers' own message).
+importlib.import_module("transformers.modeling_utils")
+importlib.import_module("transformers.masking_utils")
 
 ATTN_NAME = "fastlm"
 # family -> (transformers module, {role: class name}); roles: norm, gemma_norm, mlp, attn, lm.

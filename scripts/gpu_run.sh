@@ -98,9 +98,9 @@ stage_build() {
     echo "warm-up: exit $? (dry run, interpreter)"
     rc=0
   else
-    # The warm-up imports fastlm from the source tree (scripts/srcpath maps fastlm.kernels)
-    # while pip builds; it runs on the GPU, which is idle meanwhile.
-    PYTHONPATH="$PWD/scripts/srcpath:$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+    # The warm-up imports fastlm from the source tree while pip builds; it runs on the GPU,
+    # which is idle meanwhile.
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
       timeout --signal=TERM --kill-after=10 "${CAP[build]}" \
       "$PY" scripts/gpu_warm.py --device cuda --json "$W/warm.json" > "$W/warm.log" 2>&1 &
     wpid=$!

@@ -20,8 +20,8 @@ The headline part comes first because `fastlm bench` compiles serially in one pr
 the smoke stage compiles on all its xdist workers.
 
 Each part is timed and its failures recorded, never raised: a warm-up that fails costs only
-compile time later. Without fastlm installed, run it with scripts/srcpath on PYTHONPATH (as
-gpu_run.sh does) so that fastlm.kernels resolves from the source tree.
+compile time later. Without fastlm installed, run it with the repository root on PYTHONPATH
+(as gpu_run.sh does).
 
     python3 scripts/gpu_warm.py --json OUT/warm.json [--device cpu] [--parts headline,compile,smoke]
 

@@ -6,7 +6,7 @@ known answers, the keep mask bit for bit, rate and mean, reproducibility); the r
 fastlm.varlen_attention is tested in test_attention_varlen.py.
 
 The kernels are written apart from this file. A (backend, device) pair whose attention kernel is
-not there yet (fastlm._C built without csrc/{cpu,cuda}/attention*, or no kernels/attention.py)
+not there yet (fastlm._C built without csrc/{cpu,cuda}/attention*, or no fastlm/kernels/attention.py)
 is skipped by `need` with the reason; nothing else is skipped.
 """
 
@@ -51,7 +51,7 @@ def need(backend, device):
         except ModuleNotFoundError as e:
             if e.name != "fastlm.kernels.attention":
                 raise
-            pytest.skip("kernels/attention.py (the Triton attention kernels) does not exist yet")
+            pytest.skip("fastlm/kernels/attention.py (the Triton attention kernels) does not exist yet")
 
 
 def check_all(backend, device, results):

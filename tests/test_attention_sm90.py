@@ -1,4 +1,4 @@
-"""The Hopper Triton attention kernels (kernels/attention_sm90.py: TMA tiles; the fused 5-matmul
+"""The Hopper Triton attention kernels (fastlm/kernels/attention_sm90.py: TMA tiles; the fused 5-matmul
 backward with its ordered dQ hand-off; the split backward's dK/dV and dQ kernels) and the
 per-arch table that chooses them.
 

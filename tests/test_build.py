@@ -214,3 +214,21 @@ def test_import_does_not_load_triton():
 def test_version():
     assert fastlm.__version__ == "0.1.0"
     assert set(fastlm.__all__) >= {"layer_norm", "use_backend", "backends", "nn"}
+
+
+def test_repository_root_shadows_no_other_package():
+    """Run from the repository root (`python -m fastlm bench`, `python -m pytest`), the root is
+    on sys.path: a top-level package folder there shadows any installed package of that name.
+    The Triton kernels lived in kernels/ and shadowed Hugging Face's `kernels`, which
+    transformers 5.2x imports while building a model (the hf benchmark case failed with
+    "cannot import name 'CUDAProperties' from 'kernels'"); they are fastlm/kernels/ now."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    packages = sorted(d for d in os.listdir(root)
+                      if os.path.isfile(os.path.join(root, d, "__init__.py")))
+    assert packages == ["fastlm"], packages
+    probe = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u, sys; s = u.find_spec('kernels'); "
+         "print(s.origin if s else None)"], cwd=root, capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    origin = probe.stdout.strip()
+    assert origin == "None" or not origin.startswith(root + os.sep), origin

@@ -11,7 +11,7 @@ torch does, also with a float32 weight). add_rms_norm is add_layer_norm with RMS
 ``summed = residual + dropout(x)`` rounded once to the input dtype, ``out = rms_norm(summed)``.
 
 The kernels are the LayerNorm kernels (csrc/cpu/layer_norm.cpp, csrc/cuda/layer_norm.cu,
-kernels/layer_norm.py) run without centring and bias; rstd is saved per row in float32.
+fastlm/kernels/layer_norm.py) run without centring and bias; rstd is saved per row in float32.
 """
 
 import math

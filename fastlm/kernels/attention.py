@@ -973,7 +973,7 @@ def _config(kind, dtype, e, ev, arch, extras, varlen=False):
     return _CONFIGS[90 if arch >= 90 else 80][kind][d][extras]
 
 
-# Which kernels run, per arch: "tma" is kernels/attention_sm90.py (TMA tiles, 128 x 128
+# Which kernels run, per arch: "tma" is fastlm/kernels/attention_sm90.py (TMA tiles, 128 x 128
 # forward tiles; the backward fused into one 5-matmul kernel with its ordered dQ where its
 # table has a tile, else split into a dK/dV and a dQ kernel on TMA tiles), "fa2" is this
 # file's FlashAttention-2 kernels (cp.async loads, three backward kernels with dQ computed

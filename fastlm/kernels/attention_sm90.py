@@ -1,6 +1,6 @@
 """Attention for Hopper (sm_90) in Triton: TMA tiles, 128 x 128 forward tiles, a fused backward.
 
-Shipped as fastlm.kernels.attention_sm90; kernels/attention.py chooses between these kernels
+Shipped as fastlm.kernels.attention_sm90; fastlm/kernels/attention.py chooses between these kernels
 and its FlashAttention-2 ones with one table per arch (`_VARIANTS` there). Same contract
 (docs/attention.md), same arguments, same dropout bits; only 16-bit inputs whose q, k, v (and
 grad_out) are TMA-addressable (16-byte aligned base and strides) come here.
@@ -210,7 +210,7 @@ def _attn_fwd_tma(
     MASK: tl.constexpr,  # _MASK_NONE / _MASK_BOOL / _MASK_FLOAT
     IS_CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr,
-    IEEE: tl.constexpr,  # 2: the interpreter's bfloat16 (see kernels/attention.py _dot)
+    IEEE: tl.constexpr,  # 2: the interpreter's bfloat16 (see fastlm/kernels/attention.py _dot)
     VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
 ):
     # Tiles t = pid, pid + programs, ...: one per program, or a persistent grid of one
@@ -227,7 +227,7 @@ def _attn_fwd_tma(
 # Backward: dK, dV and dQ in one pass.
 #
 # With p_ij = exp2(s2_ij - lse_i * log2(e)) recomputed from the saved lse, z the keep bit,
-# r the keep scale and D_i = rowsum(dO * O) (kernels/attention.py _attn_bwd_pre), for a key
+# r the keep scale and D_i = rowsum(dO * O) (fastlm/kernels/attention.py _attn_bwd_pre), for a key
 # block (K, V, dK, dV held by the program) and a step of query rows (Q, dO from TMA):
 #   S    = Q K^T                       [BLOCK_M, BLOCK_N]   matmul 1
 #   dP   = (dO V^T) z r                [BLOCK_M, BLOCK_N]   matmul 2
@@ -720,10 +720,10 @@ def _attn_bwd_dq_tma(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration and launchers (kernels/attention.py decides when these run).
+# Launch configuration and launchers (fastlm/kernels/attention.py decides when these run).
 #
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, padded head dim and (causal, dropout):
-# the table of what these kernels cover; kernels/attention.py runs its FlashAttention-2
+# the table of what these kernels cover; fastlm/kernels/attention.py runs its FlashAttention-2
 # kernels for everything else (head dims above 128, float32, and what is left out below).
 # Each entry was compiled for sm_90a (ptxas of triton 3.6 and 3.8, bf16 and fp16) and
 # checked: no duplicated warpgroup work, every wgmma N >= 64, and no spills except the few
@@ -870,7 +870,7 @@ def _programs(device, tiles, per_sm):
 
 def meta(kind, e, ev, m_len, n_len, mask_kind, causal, dropout, ieee, varlen, fit):
     """Meta-parameters of one launch; m_len / n_len: rows along BLOCK_M / BLOCK_N; `fit`
-    shrinks a block to a short sequence (kernels/attention.py _fit)."""
+    shrinks a block to a short sequence (fastlm/kernels/attention.py _fit)."""
     bm, bn, warps, stages = CONFIGS[kind][_d(e, ev)][(bool(causal), bool(dropout))]
     pad = lambda x: max(16, triton.next_power_of_2(x))  # noqa: E731
     m = dict(HEAD_EV=ev, BLOCK_M=fit(bm, m_len), BLOCK_N=fit(bn, n_len), BLOCK_E=pad(e),
