@@ -473,8 +473,8 @@ def test_bench_models_agree_and_formulas():
     assert bg._flops(shape, "step") == 6 * n * 32 * 1024 + 7 * 12 * 32 * 1024 ** 2 * 768
     assert bench.get("gpt").tokens(shape) == 32 * 1024
     # --quick on the CPU leaves the compiled rows out (inductor builds for minutes there).
-    planned, skipped = bench.runner.plan(["gpt"], "cpu", quick=True)
+    planned, skipped = bench.runner.plan(["gpt"], "cpu", "quick")
     assert [i.name for i in planned[0][2]] == ["fastlm", "torch", "torch-encoder-layer"]
     assert {s["backend"] for s in skipped} == {"fastlm-compile", "torch-compile"}
-    planned, _ = bench.runner.plan(["gpt"], "cpu", quick=False)
+    planned, _ = bench.runner.plan(["gpt"], "cpu", "full")
     assert len(planned[0][2]) == 5

@@ -573,7 +573,7 @@ def test_raw_cpp_op_argument_checks():
     y, mean, rstd = torch.ops.fastlm.layer_norm_fwd(x, None, None, 1e-5)
     with pytest.raises(RuntimeError, match="grad_out must match input"):
         torch.ops.fastlm.layer_norm_bwd(y[:2], x, mean, rstd, None, None, False, False)
-    with pytest.raises(RuntimeError, match="mean and rstd must be float32 of shape"):
+    with pytest.raises(RuntimeError, match=r"the saved statistics \(mean, rstd\) must be float32 of shape"):
         torch.ops.fastlm.layer_norm_bwd(y, x, mean[:3], rstd, None, None, False, False)
     with pytest.raises(RuntimeError, match="weight_grad=True needs a weight"):
         torch.ops.fastlm.layer_norm_bwd(y, x, mean, rstd, None, None, True, False)
