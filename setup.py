@@ -142,6 +142,7 @@ ext_modules, cmdclass = extensions()
 
 setup(
     packages=PACKAGES,
+    package_data={"fastlm.bench": ["durations.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

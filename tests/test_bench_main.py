@@ -275,3 +275,15 @@ def test_skip_impl_and_partial_json(toy_cases, tmp_path, capsys):
                on_case=lambda rep: seen.append(rep))
     assert len(seen) == 1 and seen[0]["meta"]["partial"] is True
     assert [r["backend"] for r in seen[0]["results"]] == ["torch"]
+
+
+def test_fresh_machine_estimate_uses_the_shipped_reference_run(tmp_path, monkeypatch):
+    """With no history of its own, a CPU machine's up-front estimate comes from the durations
+    shipped with fastlm (fastlm/bench/durations.json, a full run on the 2-core CPU machine), not
+    from the per-measurement guess that overestimated the full run 3x (28.5 min for 9.6)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    planned, _ = runner.plan(ALL_OPS, "cpu", "full")
+    todo = runner.measurements(planned)
+    total, source = history.estimate(todo, "cpu", "full")
+    assert source == f"{len(todo)} from a reference run", source
+    assert 5 * 60 < total < 20 * 60, total
