@@ -158,11 +158,12 @@ def test_window_is_the_explicit_mask():
     assert torch.equal(c, d)
 
 
-@pytest.mark.parametrize("backend,device", [p for p in KERNEL_PAIRS if p.values[0] != "cuda"])
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 def test_options_with_dropout_are_the_reference(backend, device):
     """The raw ops with a window, the lower-right diagonal, soft-capping and dropout (fixed
     seed, offset) against fastlm's reference in float64: the same keep bits, the same math.
-    (The CUDA C++ ops do not take the options yet: the public functions route around them.)"""
+    (Without a GPU the CUDA C++ kernels run these options on the emulator:
+    test_cuda_emu_attention.py.)"""
     need(backend, device)
     fwd, bwd = _ops(backend)
     dt = torch.bfloat16
@@ -286,20 +287,3 @@ def test_raw_cpu_op_checks_the_options():
         torch.ops.fastlm.attention_fwd(q, q, q, None, None, 0.0, False, 0.3, -3, 0, False, 0.0)
     with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
         torch.ops.fastlm.attention_fwd(q, q, q, None, None, 0.0, False, 0.3, -1, -1, False, -2.0)
-
-
-def test_cuda_backend_routes_options_elsewhere(monkeypatch, caplog):
-    """Calls with the options on the cuda backend (not in the CUDA C++ kernels yet) run on
-    triton (else the reference), said once on the fastlm logger; forcing cuda raises."""
-    import logging
-
-    monkeypatch.setattr(fastlm.backends, "forced", lambda: None)
-    with caplog.at_level(logging.INFO, logger="fastlm"):
-        name = attention._route_options("who", "cuda", torch.device("cpu"), (3, 0, False, 0.0))
-    assert name in ("triton", "torch")
-    assert "not in the CUDA C++ kernels yet" in caplog.text
-    assert attention._route_options("who", "cuda", torch.device("cpu"),
-                                    (-1, -1, False, 0.0)) == "cuda"
-    monkeypatch.setattr(fastlm.backends, "forced", lambda: "cuda")
-    with pytest.raises(ValueError, match="cuda backend does not implement window_size"):
-        attention._route_options("who", "cuda", torch.device("cpu"), (-1, -1, False, 1.0))

@@ -305,3 +305,147 @@ def test_varlen_cuda_host_checks_name_the_argument(emu):
     out, lse = emu.varlen_attention_fwd(q, q, q, cu, cu, 6, 6, None, 0.0, False, 0.25)
     with pytest.raises(RuntimeError, match=r"lse must have shape \(2, 6\)"):
         emu.varlen_attention_bwd(out, q, q, q, out, lse.t(), cu, cu, 6, 6, None, 0.0, False, 0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# The options (docs/attention.md, "Causal, windows, soft-capping"): the band of keys (causal
+# with the lower-right diagonal, sliding windows) and soft-capping, on every kernel (bf16/f16
+# tensor-core kernels at padded head dims 64, 128, 256 and the float32 SIMT kernels), against
+# fastlm's reference in float64 (the same keep bits) with the tolerance rule.
+class Opt:
+    def __init__(self, name, B, Hq, Hk, L, S, E, Ev, causal=False, window=(-1, -1),
+                 lower_right=False, softcap=0.0, p=0.0, mask=None, dtypes=None):
+        self.name, self.B, self.Hq, self.Hk, self.L, self.S = name, B, Hq, Hk, L, S
+        self.E, self.Ev, self.causal, self.window = E, Ev, causal, window
+        self.lower_right, self.softcap, self.p, self.mask = lower_right, softcap, p, mask
+        self.dtypes = dtypes or (torch.float32, torch.bfloat16)
+
+    def opts(self):
+        return (*self.window, self.lower_right, self.softcap)
+
+
+OPT_CASES = [
+    # lower-right causal, L < S: the diagonal starts at key S - L (GQA)
+    Opt("causal-lower-right-l<s-gqa", 1, 4, 2, 37, 130, 64, 64, causal=True, lower_right=True),
+    # L > S: the first L - S rows attend nothing (whole query blocks with no key tile)
+    Opt("causal-lower-right-l>s", 1, 2, 2, 150, 40, 64, 64, causal=True, lower_right=True,
+        dtypes=(torch.float32, torch.float16)),
+    # a narrow window over many tiles: key tiles skipped on both sides of every block
+    Opt("window-20-10-long", 1, 2, 1, 200, 220, 64, 64, window=(20, 10)),
+    Opt("window-causal-left-30-d128", 1, 2, 2, 150, 150, 128, 128, causal=True,
+        window=(30, -1), dtypes=(torch.bfloat16,)),
+    Opt("window-lower-right-l<s", 1, 2, 2, 70, 200, 32, 48, window=(5, 70), lower_right=True),
+    Opt("window-right-only-l>s", 1, 2, 2, 90, 33, 16, 16, window=(-1, 3)),
+    Opt("window-0-0", 1, 1, 1, 40, 40, 8, 8, window=(0, 0)),
+    Opt("window-beyond-any-length", 1, 1, 1, 30, 50, 16, 16, causal=True,
+        window=(2 ** 40, 2 ** 40), lower_right=True),
+    Opt("softcap-strong", 2, 2, 2, 65, 77, 64, 64, softcap=1.5),
+    Opt("softcap-float-mask-d256", 1, 1, 1, 33, 41, 200, 160, softcap=4.0, mask="float32",
+        dtypes=(torch.bfloat16, torch.float32)),
+    Opt("softcap-bool-mask", 1, 2, 2, 50, 45, 32, 32, softcap=2.0, mask="bool"),
+    Opt("everything-dropout-gqa", 1, 4, 2, 70, 90, 40, 24, causal=True, window=(12, -1),
+        lower_right=True, softcap=3.0, p=0.3, dtypes=(torch.float32, torch.bfloat16,
+                                                      torch.float16)),
+]
+
+
+def _opt_params():
+    return [pytest.param(c, dt, id=f"{c.name}-{_dt(dt)}") for c in OPT_CASES for dt in c.dtypes]
+
+
+@pytest.mark.parametrize("case,dtype", _opt_params())
+def test_options_against_float64(emu, case, dtype):
+    from fastlm.ops.attention import reference_attention_bwd, reference_attention_fwd
+
+    q, k, v, _, dout = _inputs(Case(case.name, case.B, case.Hq, case.Hk, case.L, case.S, case.E,
+                                    case.Ev), dtype)
+    mask = None
+    g = torch.Generator().manual_seed(11)
+    if case.mask == "bool":
+        mask = (torch.rand((case.L, case.S), generator=g) < 0.7).expand(case.B, case.Hq, case.L,
+                                                                         case.S)
+    elif case.mask == "float32":
+        mask = torch.randn((case.B, case.Hq, case.L, case.S), generator=g)
+    rng = torch.tensor([0x1234_5678_9ABC, 77], dtype=torch.int64) if case.p > 0 else None
+    args = (mask, rng, case.p, case.causal, 1 / math.sqrt(case.E), *case.opts())
+    out, lse = emu.attention_fwd(q, k, v, *args)
+    grads = emu.attention_bwd(dout, q, k, v, out, lse, *args)
+
+    d64 = [t.double() for t in (q, k, v)]
+    o64, l64 = reference_attention_fwd(*d64, *args)
+    g64 = reference_attention_bwd(dout.double(), *d64, o64, l64, *args)
+    olo, llo = reference_attention_fwd(q, k, v, *args)  # the reference in the inputs' dtype
+    glo = reference_attention_bwd(dout, q, k, v, olo, llo, *args)
+    live = torch.isfinite(l64)
+    assert torch.equal(torch.isinf(lse), ~live), "lse is +inf exactly on the rows with no key"
+    f, rep = FLOOR[dtype], math.sqrt(case.Hq // case.Hk)
+    results = [("out", out, o64, olo, f), ("lse", lse[live], l64[live], llo[live], 1e-5)]
+    results += [(n, gr, go, gl, f * (1 if n == "dq" else rep))
+                for n, gr, go, gl in zip(("dq", "dk", "dv"), grads, g64, glo)]
+    failed = [msg for ok, _, _, msg in (_check_2x(*r[1:], r[0]) for r in results) if not ok]
+    assert not failed, "\n".join(failed)
+    dead = ~live  # rows that attend no key: zeros, and zero query grads
+    assert torch.equal(out[dead], torch.zeros_like(out[dead]))
+    assert torch.equal(grads[0][dead], torch.zeros_like(grads[0][dead]))
+
+
+def test_options_at_their_defaults_are_the_plain_kernels(emu):
+    """Options that change nothing give the plain op's bits: lower_right without causal or a
+    window, lower_right with L == S, windows at least as wide as the problem, causal with a
+    window whose right bound is positive (causal caps it at 0)."""
+    q = randn((1, 2, 70, 64), torch.bfloat16, "cpu", seed=1)
+    k = randn((1, 2, 70, 64), torch.bfloat16, "cpu", seed=2)
+    dout = randn((1, 2, 70, 64), torch.bfloat16, "cpu", seed=4)
+
+    def run(causal, *opts):
+        out, lse = emu.attention_fwd(q, k, k, None, None, 0.0, causal, 0.125, *opts)
+        return (out, lse, *emu.attention_bwd(dout, q, k, k, out, lse, None, None, 0.0, causal,
+                                             0.125, *opts))
+
+    for causal, plain, same in ((False, (), (-1, -1, True, 0.0)),
+                                (True, (), (-1, -1, True, 0.0)),
+                                (False, (), (70, 69, False, 0.0)),
+                                (True, (), (-1, 5, False, 0.0))):
+        for a, b in zip(run(causal, *plain), run(causal, *same)):
+            assert torch.equal(a, b)
+
+
+def test_options_bad_values_are_rejected_by_the_cuda_host_code(emu):
+    q = torch.zeros(1, 1, 4, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="window_left and window_right must be >= -1"):
+        emu.attention_fwd(q, q, q, None, None, 0.0, False, 1.0, -2, -1, False, 0.0)
+    with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+        emu.attention_fwd(q, q, q, None, None, 0.0, False, 1.0, -1, -1, False, math.inf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dt)
+def test_varlen_options_against_float64(emu, dtype):
+    """varlen with a window, the lower-right diagonal (each sequence's own S - L), soft-capping
+    and dropout, against fastlm's varlen reference in float64."""
+    from fastlm.ops.attention import (reference_varlen_attention_bwd,
+                                      reference_varlen_attention_fwd)
+
+    lq, lk = [30, 0, 75, 9], [50, 12, 40, 0]
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
+    q = randn((sum(lq), 4, 32), dtype, "cpu", seed=1)
+    k = randn((sum(lk), 2, 32), dtype, "cpu", seed=2)
+    v = randn((sum(lk), 2, 40), dtype, "cpu", seed=3)
+    dout = randn((sum(lq), 4, 40), dtype, "cpu", seed=4)
+    rng = torch.tensor([99, 3], dtype=torch.int64)
+    args = (cu_q, cu_k, max(lq), max(lk), rng, 0.2, True, 32 ** -0.5, 9, -1, True, 2.5)
+    out, lse = emu.varlen_attention_fwd(q, k, v, *args)
+    grads = emu.varlen_attention_bwd(dout, q, k, v, out, lse, *args)
+    d64 = [t.double() for t in (q, k, v)]
+    o64, l64 = reference_varlen_attention_fwd(*d64, *args)
+    g64 = reference_varlen_attention_bwd(dout.double(), *d64, o64, l64, *args)
+    olo, llo = reference_varlen_attention_fwd(q, k, v, *args)
+    glo = reference_varlen_attention_bwd(dout, q, k, v, olo, llo, *args)
+    live = torch.isfinite(l64)
+    assert torch.equal(torch.isinf(lse), ~live)
+    f = FLOOR[dtype]
+    results = [("out", out, o64, olo, f), ("lse", lse[live], l64[live], llo[live], 1e-5)]
+    results += [(n, gr, go, gl, f * (1 if n == "dq" else math.sqrt(2)))
+                for n, gr, go, gl in zip(("dq", "dk", "dv"), grads, g64, glo)]
+    failed = [msg for ok, _, _, msg in (_check_2x(*r[1:], r[0]) for r in results) if not ok]
+    assert not failed, "\n".join(failed)

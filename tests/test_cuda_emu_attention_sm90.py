@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from conftest import FLOOR, _check_2x
+from conftest import FLOOR, _check_2x, randn
 from cuda_emu.build import load
 from test_cuda_emu_attention import Case, _dt, _inputs, _oracle_fwd_bwd
 
@@ -130,3 +130,30 @@ def test_dispatch_table(emu):
         assert "attn_fwd_mma" in emu.emu_last_kernel()
     finally:
         emu.emu_set_device_arch(90)
+
+
+def test_options_leave_the_table(emu):
+    """The options the sm_90a table does not have (a window, the lower-right diagonal when it
+    differs from the top-left one, a soft-cap) run on the portable kernels, correctly; causal
+    with lower_right at L == S (the same diagonal) and a window that only restates causal stay
+    on the Hopper kernels, with their bits."""
+    from fastlm.ops.attention import reference_attention_fwd
+
+    q = randn((1, 2, 128, 64), torch.bfloat16, "cpu", seed=1)
+    k = randn((1, 2, 200, 64), torch.bfloat16, "cpu", seed=2)
+    for causal, opts in ((False, (16, 8, False, 0.0)), (True, (-1, -1, True, 0.0)),
+                         (False, (-1, -1, False, 5.0))):
+        out, lse = emu.attention_fwd(q, k, k, None, None, 0.0, causal, 0.125, *opts)
+        assert "attn_fwd_mma" in emu.emu_last_kernel(), (opts, emu.emu_last_kernel())
+        args = (None, None, 0.0, causal, 0.125, *opts)
+        o64, _ = reference_attention_fwd(q.double(), k.double(), k.double(), *args)
+        olo, _ = reference_attention_fwd(q, k, k, *args)
+        ok, _, _, msg = _check_2x(out, o64, olo, FLOOR[torch.bfloat16], "out")
+        assert ok, msg
+    qs = q[:, :, :100]
+    ks = k[:, :, :100]
+    plain = emu.attention_fwd(qs, ks, ks, None, None, 0.0, True, 0.125)
+    for opts in ((-1, -1, True, 0.0), (-1, 4, False, 0.0)):
+        got = emu.attention_fwd(qs, ks, ks, None, None, 0.0, True, 0.125, *opts)
+        assert "attn_fwd_sm90" in emu.emu_last_kernel(), (opts, emu.emu_last_kernel())
+        assert all(torch.equal(a, b) for a, b in zip(plain, got))

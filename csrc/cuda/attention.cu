@@ -6,12 +6,15 @@
 //                    Q stays in shared memory; K/V tiles of BN keys stream through a 2-stage
 //                    cp.async ring. Per tile: S = Q K^T (mma), scale + mask, online softmax in
 //                    registers (exp2f, base-2 logits), dropout on P, P re-packed in registers as
-//                    the A operand of O += P V (mma, V through ldmatrix.trans). Causal: key tiles
-//                    past the block's last row are skipped, the diagonal tile is masked.
+//                    the A operand of O += P V (mma, V through ldmatrix.trans). Causal and
+//                    windows (the Band): key tiles outside the band of the block's rows are
+//                    skipped, tiles crossing its edges are masked per element. Soft-capping
+//                    (tanh of the scaled scores) is applied before the masks; the backward
+//                    multiplies dS by its derivative, recomputed from the same scores.
 //   attn_bwd_delta   D_i = sum_e dO_ie * O_ie (float32), one warp per row.
 //   attn_bwd_dkdv    grid (b*Hk*chunks, key blocks of 64). 4 warps, each owning 16 keys; K and V
 //                    stay in shared memory; (Q, dO) tiles stream through a 2-stage ring over all
-//                    query heads of the GQA group and all query blocks (causal: from the diagonal).
+//                    query heads of the GQA group and all query blocks (only those of the band).
 //                    Per tile, in the transposed orientation (rows = keys):
 //                      S^T = K Q^T,  P^T = exp2(S^T - lse),  dP^T = V dO^T,
 //                      dV += (Z.P)^T dO,  dS^T = P^T (Z r dP^T - D),  dK += dS^T Q
@@ -125,7 +128,15 @@ struct AttnParams {
   int64_t or_b, or_h, or_l, lr_b, lr_h, kr_b, kr_h, kr_l;
   float scale;         // multiplies Q K^T
   float scale_log2;    // scale * log2(e): the scores are kept as base-2 logits
-  bool causal;
+  // The diagonal options (docs/attention.md, "Causal, windows, soft-capping"), resolved on the
+  // host: query i may attend key j iff -win_left <= j - i - off <= win_right (-1: that side
+  // unbounded; is_causal is folded into win_right), off = S - L of the problem (with varlen, of
+  // each sequence) when lower_right, else 0.
+  int win_left, win_right;
+  bool lower_right;
+  float softcap;       // > 0: the scaled scores x become softcap * tanh(x / softcap)
+  float cap_in;        // scale / softcap
+  float cap_out2;      // softcap * log2(e)
 };
 
 // The PTX wrappers (cp.async, ldmatrix, mma.sync) are in ptx.h.
@@ -215,20 +226,86 @@ __device__ __forceinline__ int64_t kv_row_of(const AttnParams& p, int b, int hk,
   return b * p.kr_b + hk * p.kr_h + int64_t(sq.k0) * p.kr_l;
 }
 
-// Base-2 logit of element (i, j) given its raw dot product: scale * qk + mask, times log2(e);
-// -inf outside [0, L) x [0, S), above the causal diagonal, or where the mask forbids it.
-// `edge` is false only for tiles where none of that can happen (then it is a plain multiply).
-__device__ __forceinline__ float logit2(const AttnParams& p, int L, int S, const MaskView& mv,
-                                        bool edge, float qk, int i, int j) {
-  float s = qk * p.scale_log2;
+// The band of keys each query may attend (causal, windows; docs/attention.md): key j is allowed
+// for query i iff lo <= j - i <= hi. The window's bounds are moved by the diagonal's offset and
+// clamped into [-L, S], so an unbounded side is a bound no (i, j) in [0, L) x [0, S) reaches and
+// nothing overflows; lo > hi allows nothing. The range helpers work in 64 bits (L + S may pass
+// 2^31) and return values in [0, S] (keys) or [0, L] (queries).
+struct Band {
+  int lo, hi;
+  __device__ __forceinline__ bool ok(int i, int j) const {
+    const int d = j - i;  // |d| < 2^31: i < L, j < S, both below 2^31
+    return d >= lo && d <= hi;
+  }
+  // Keys [key_begin(i0), key_end(i1, S)) hold every key rows i0 .. i1 - 1 may attend.
+  __device__ __forceinline__ int key_begin(int i0) const {
+    return int(max(int64_t(0), int64_t(i0) + lo));
+  }
+  __device__ __forceinline__ int key_end(int i1, int S) const {
+    return int(max(int64_t(0), min(int64_t(S), int64_t(i1) + hi)));
+  }
+  // Queries [query_begin(j0), query_end(j1, L)) hold every query that attends a key of j0 .. j1-1.
+  __device__ __forceinline__ int query_begin(int j0) const {
+    return int(max(int64_t(0), int64_t(j0) - hi));
+  }
+  __device__ __forceinline__ int query_end(int j1, int L) const {
+    return int(max(int64_t(0), min(int64_t(L), int64_t(j1) - lo)));
+  }
+  // Whether every (i, j) of rows [i0, i1) x keys [j0, j1) is in the band (a tile that needs no
+  // per-element test for it).
+  __device__ __forceinline__ bool covers(int i0, int i1, int j0, int j1) const {
+    return int64_t(j0) - (i1 - 1) >= lo && int64_t(j1 - 1) - i0 <= hi;
+  }
+};
+__device__ __forceinline__ Band band_of(const AttnParams& p, int L, int S) {
+  const int64_t off = p.lower_right ? int64_t(S) - L : 0;
+  const int64_t lo = p.win_left < 0 ? -int64_t(L) : off - p.win_left;
+  const int64_t hi = p.win_right < 0 ? int64_t(S) : off + p.win_right;
+  return Band{int(min(max(lo, -int64_t(L)), int64_t(S))), int(min(max(hi, -int64_t(L)),
+                                                                  int64_t(S)))};
+}
+
+// tanh from exp2 (absolute error a few 1e-7; --use_fast_math turns tanhf into tanh.approx.f32,
+// whose relative error of 2^-11 would show in the capped logits): 1 - 2 / (e^2x + 1), which
+// gives exactly +-1 once e^2x overflows to inf or underflows to 0.
+__device__ __forceinline__ float tanh_exp2(float x) {
+  return 1.f - 2.f / (exp2f(x * (2.f * kLog2e)) + 1.f);
+}
+
+// Base-2 logit of element (i, j) given its raw dot product: cap(scale * qk) + mask, times
+// log2(e); -inf outside [0, L) x [0, S), outside the band, or where the mask forbids it. `edge`
+// is false only for tiles where none of that can happen (then it is a plain multiply, or the
+// cap). dcap receives cap'(scale * qk) = 1 - tanh^2 (1 without soft-capping): the backward's dS
+// carries it.
+// In two steps, so the forward can branch on the soft-cap once per tile: cap2 (scale, cap,
+// base 2) and mask2 (the rest).
+__device__ __forceinline__ float cap2(const AttnParams& p, float qk, float& dcap) {
+  const float th = tanh_exp2(qk * p.cap_in);
+  dcap = 1.f - th * th;
+  return th * p.cap_out2;
+}
+__device__ __forceinline__ float mask2(int L, int S, const Band& bd, const MaskView& mv,
+                                       bool edge, float s, int i, int j) {
   if (edge) {
-    if (i >= L || j >= S || (p.causal && j > i)) {
+    if (i >= L || j >= S || !bd.ok(i, j)) {
       s = -INFINITY;
     } else if (mv.kind != kMaskNone) {
       s += kLog2e * mv.at(i, j);
     }
   }
   return s;
+}
+__device__ __forceinline__ float logit2(const AttnParams& p, int L, int S, const Band& bd,
+                                        const MaskView& mv, bool edge, float qk, int i, int j,
+                                        float& dcap) {
+  float s;
+  if (p.softcap > 0.f) {
+    s = cap2(p, qk, dcap);
+  } else {
+    s = qk * p.scale_log2;
+    dcap = 1.f;
+  }
+  return mask2(L, S, bd, mv, edge, s, i, j);
 }
 
 struct Dropout {
@@ -391,14 +468,17 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma(const __grid_constant__
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sq.q0 * p.q_sl;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + sq.k0 * p.k_sl;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + sq.k0 * p.v_sl;
-  // Keys the block can see: all, or with causal j <= i < min(L, m0 + BM).
-  const int n_end = p.causal ? min(S, min(L, m0 + BM)) : S;
-  const int ntiles = (n_end + BN - 1) / BN;
+  // Key tiles the block's rows [m0, i_end) can see: those of the band's keys (all without
+  // causal or a window); none when no row may attend a key (then out = 0, lse = +inf).
+  const Band bd = band_of(p, L, S);
+  const int i_end = min(L, m0 + BM);
+  const int tile0 = bd.key_begin(m0) / BN;
+  const int ntiles = max(0, (bd.key_end(i_end, S) + BN - 1) / BN - tile0);
 
-  auto load_kv = [&](int tile) {
-    T* sK = sKV + (tile % ST) * 2 * BN * SROW;
+  auto load_kv = [&](int it) {  // the it-th tile of the block, into stage it % ST
+    T* sK = sKV + (it % ST) * 2 * BN * SROW;
     T* sV = sK + BN * SROW;
-    const int n0 = tile * BN;  // < n_end <= S: row 0 of the tile is valid
+    const int n0 = (tile0 + it) * BN;  // < key_end <= S: row 0 of the tile is valid
     load_tile<BN, SROW>(sK, kg + n0 * p.k_sl, p.k_sl, S - n0, 0, E16, p.E);
     load_tile<BN, SROW>(sV, vg + n0 * p.v_sl, p.v_sl, S - n0, c0, vend, p.Ev);
   };
@@ -437,7 +517,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma(const __grid_constant__
     const T* sV = sK + BN * SROW;
     const uint32_t bK = smem_u32(sK + offB);
     const uint32_t bV = smem_u32(sV + offA);
-    const int n0 = it * BN;
+    const int n0 = (tile0 + it) * BN;
 
     // S = Q K^T over the first E16 columns (zero-filled past E).
     float s[NT][4];
@@ -460,14 +540,26 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma(const __grid_constant__
       }
     }
 
-    // Scale, mask, online softmax. The tile needs per-element masking when it has keys >= S,
-    // crosses the causal diagonal of this block, or a mask is given.
-    const bool edge = p.mask_kind != kMaskNone || n0 + BN > S || (p.causal && n0 + BN - 1 > m0);
+    // Scale (cap), mask, online softmax. The tile needs per-element masking when it has keys
+    // >= S, crosses an edge of the band (causal diagonal, window), or a mask is given.
+    const bool edge = p.mask_kind != kMaskNone || n0 + BN > S || !bd.covers(m0, i_end, n0, n0 + BN);
+    if (p.softcap > 0.f) {
+      float unused;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = cap2(p, s[nt][e], unused);
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= p.scale_log2;
+    }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        s[nt][e] = logit2(p, L, S, mv, edge, s[nt][e],
+        s[nt][e] = mask2(L, S, bd, mv, edge, s[nt][e],
             row0 + g + 8 * (e >> 1), n0 + 8 * nt + 2 * t + (e & 1));
 
     float mx[2] = {m_run[0], m_run[1]};
@@ -593,9 +685,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma(const __grid_const
   if (n0 >= S) return;  // varlen: past the end of this (shorter) sequence
   const int c0 = chunk * DC;
   const int E16 = (p.E + 15) & ~15, Ev16 = (p.Ev + 15) & ~15;
-  // Query tiles: causal needs i >= j >= n0, so start at the tile holding query n0.
-  const int mt_begin = p.causal ? n0 / BM : 0;
-  const int mt_end = (L + BM - 1) / BM;
+  // Query tiles: those holding the queries that attend a key of the block (all without causal
+  // or a window; causal: from the tile holding query n0 (top left)).
+  const Band bd = band_of(p, L, S);
+  const int j_end = min(S, n0 + BN);
+  const int mt_begin = bd.query_begin(n0) / BM;
+  const int mt_end = (bd.query_end(j_end, L) + BM - 1) / BM;
   const int nmt = max(0, mt_end - mt_begin);
   const int niter = G * nmt;  // iteration it: head hk*G + it / nmt, query tile mt_begin + it % nmt
 
@@ -690,7 +785,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma(const __grid_const
     // Element (nt, e): key j = k0 + g + 8 * (e >> 1), query i = m0 + 8 * nt + 2t + (e & 1).
     const MaskView mv = mask_view(p, b, h);
     const bool edge = p.mask_kind != kMaskNone || n0 + BN > S ||
-                      (p.causal && n0 + BN - 1 > m0) || m0 + BM > L;
+                      !bd.covers(m0, m0 + BM, n0, j_end) || m0 + BM > L;
     KeepCols<NTQ> kb;
     if (drop.on) kb.make(drop, uint32_t(bh), m0, k0, lane);
 #pragma unroll
@@ -705,7 +800,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma(const __grid_const
         for (int rh = 0; rh < 2; ++rh) {
           const int e = 2 * rh + c;
           const int j = k0 + g + 8 * rh;
-          const float pr = exp2f(logit2(p, L, S, mv, edge, st[nt][e], i, j) - lse2);
+          float dcap;
+          const float pr = exp2f(logit2(p, L, S, bd, mv, edge, st[nt][e], i, j, dcap) - lse2);
           float dp = dpt[nt][e];
           float pz = pr;
           if (drop.on) {
@@ -713,8 +809,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma(const __grid_const
             pz = keep ? pr : 0.f;
             dp = keep ? dp * drop.scale : 0.f;
           }
-          st[nt][e] = pz;                 // Z.P for dV (r applied at the end)
-          dpt[nt][e] = pr * (dp - dlt);   // dS
+          st[nt][e] = pz;                        // Z.P for dV (r applied at the end)
+          dpt[nt][e] = pr * (dp - dlt) * dcap;   // dS
         }
       }
     }
@@ -783,13 +879,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma(const __grid_constan
   const int E16 = (p.E + 15) & ~15, Ev16 = (p.Ev + 15) & ~15;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + sq.k0 * p.k_sl;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + sq.k0 * p.v_sl;
-  const int n_end = p.causal ? min(S, min(L, m0 + BM)) : S;
-  const int ntiles = (n_end + BN - 1) / BN;
+  const Band bd = band_of(p, L, S);  // key tiles as in the forward
+  const int i_end = min(L, m0 + BM);
+  const int tile0 = bd.key_begin(m0) / BN;
+  const int ntiles = max(0, (bd.key_end(i_end, S) + BN - 1) / BN - tile0);
 
-  auto load_kv = [&](int tile) {
-    T* sK = sKV + (tile % ST) * 2 * BN * SROW;
+  auto load_kv = [&](int it) {
+    T* sK = sKV + (it % ST) * 2 * BN * SROW;
     T* sV = sK + BN * SROW;
-    const int n0 = tile * BN;
+    const int n0 = (tile0 + it) * BN;
     load_tile<BN, SROW>(sK, kg + n0 * p.k_sl, p.k_sl, S - n0, 0, E16, p.E);
     load_tile<BN, SROW>(sV, vg + n0 * p.v_sl, p.v_sl, S - n0, 0, Ev16, p.Ev);
   };
@@ -839,7 +937,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma(const __grid_constan
     const T* sV = sK + BN * SROW;
     const uint32_t bK = smem_u32(sK + offB), bV = smem_u32(sV + offB);
     const uint32_t tK = smem_u32(sK + offA);
-    const int n0 = it * BN;
+    const int n0 = (tile0 + it) * BN;
 
     float s[NT][4], dp[NT][4];
 #pragma unroll
@@ -875,7 +973,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma(const __grid_constan
       }
     }
 
-    const bool edge = p.mask_kind != kMaskNone || n0 + BN > S || (p.causal && n0 + BN - 1 > m0);
+    const bool edge = p.mask_kind != kMaskNone || n0 + BN > S || !bd.covers(m0, i_end, n0, n0 + BN);
     KeepRows<NT> kb;
     if (drop.on) kb.make(drop, uint32_t(bh), row0, n0, lane);
 #pragma unroll
@@ -883,10 +981,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma(const __grid_constan
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = row0 + g + 8 * (e >> 1), j = n0 + 8 * nt + 2 * t + (e & 1);
-        const float pr = exp2f(logit2(p, L, S, mv, edge, s[nt][e], i, j) - lse2[e >> 1]);
+        float dcap;
+        const float pr =
+            exp2f(logit2(p, L, S, bd, mv, edge, s[nt][e], i, j, dcap) - lse2[e >> 1]);
         float d = dp[nt][e];
         if (drop.on) d = kb.keep(nt, e, t) ? d * drop.scale : 0.f;
-        s[nt][e] = pr * (d - dlt[e >> 1]);  // dS
+        s[nt][e] = pr * (d - dlt[e >> 1]) * dcap;  // dS
       }
 
     // dQ += dS K over columns [c0, c0 + DC): K rows through ldmatrix.trans.
@@ -966,8 +1066,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_f32(const __grid_constant__
     const int r = idx / E, e = idx - r * E, i = m0 + r;
     sQ[idx] = i < L ? qg[i * p.q_sl + e] : 0.f;
   }
-  const int n_end = p.causal ? min(S, min(L, m0 + kFRows)) : S;
-  const int ntiles = (n_end + kFTile - 1) / kFTile;
+  const Band bd = band_of(p, L, S);  // the key tiles of rows [m0, min(L, m0 + kFRows))
+  const int tile0 = bd.key_begin(m0) / kFTile;
+  const int ntiles = max(0, (bd.key_end(min(L, m0 + kFRows), S) + kFTile - 1) / kFTile - tile0);
   const MaskView mv = mask_view(p, b, h);
   const Dropout drop = load_dropout(p);
 
@@ -984,7 +1085,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_f32(const __grid_constant__
   }
 
   for (int it = 0; it < ntiles; ++it) {
-    const int n0 = it * kFTile;
+    const int n0 = (tile0 + it) * kFTile;
     __syncthreads();  // the previous tile is consumed (and sQ is written, first time)
     for (int idx = threadIdx.x; idx < kFTile * E; idx += kThreads) {
       const int r = idx / E, e = idx - r * E, j = n0 + r;
@@ -1006,13 +1107,21 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_f32(const __grid_constant__
     }
     const int j = n0 + lane;
     const bool edge = p.mask_kind != kMaskNone || n0 + kFTile > S ||
-                      (p.causal && n0 + kFTile - 1 > i0);
+                      !bd.covers(i0, i0 + kFR, n0, n0 + kFTile);
     bool keep[kFR] = {true, true, true, true};
     if (drop.on) f32_keep_rows(drop, uint32_t(bh), i0, n0, lane, keep);
     float pr[kFR];
+    if (p.softcap > 0.f) {
+      float unused;
+#pragma unroll
+      for (int r = 0; r < kFR; ++r) s[r] = cap2(p, s[r], unused);
+    } else {
+#pragma unroll
+      for (int r = 0; r < kFR; ++r) s[r] *= p.scale_log2;
+    }
 #pragma unroll
     for (int r = 0; r < kFR; ++r) {
-      const float s2 = logit2(p, L, S, mv, edge, s[r], i0 + r, j);
+      const float s2 = mask2(L, S, bd, mv, edge, s[r], i0 + r, j);
       const float mx = fmaxf(warp_max(s2), m_run[r]);
       const float base = mx == -INFINITY ? 0.f : mx;
       const float alpha = exp2f(m_run[r] - base);
@@ -1084,8 +1193,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_f32(const __grid_constan
     const int r = idx / Ev, e = idx - r * Ev, i = m0 + r;
     sdO[idx] = i < L ? dg[i * p.do_sl + e] : 0.f;
   }
-  const int n_end = p.causal ? min(S, min(L, m0 + kFRows)) : S;
-  const int ntiles = (n_end + kFTile - 1) / kFTile;
+  const Band bd = band_of(p, L, S);  // the key tiles of rows [m0, min(L, m0 + kFRows))
+  const int tile0 = bd.key_begin(m0) / kFTile;
+  const int ntiles = max(0, (bd.key_end(min(L, m0 + kFRows), S) + kFTile - 1) / kFTile - tile0);
   const MaskView mv = mask_view(p, b, h);
   const Dropout drop = load_dropout(p);
   float lse2[kFR], dlt[kFR];
@@ -1103,7 +1213,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_f32(const __grid_constan
     for (int c = 0; c < kFCols; ++c) dq[r][c] = 0.f;
 
   for (int it = 0; it < ntiles; ++it) {
-    const int n0 = it * kFTile;
+    const int n0 = (tile0 + it) * kFTile;
     __syncthreads();
     for (int idx = threadIdx.x; idx < kFTile * E; idx += kThreads) {
       const int r = idx / E, e = idx - r * E, j = n0 + r;
@@ -1134,15 +1244,16 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_f32(const __grid_constan
     }
     const int j = n0 + lane;
     const bool edge = p.mask_kind != kMaskNone || n0 + kFTile > S ||
-                      (p.causal && n0 + kFTile - 1 > i0);
+                      !bd.covers(i0, i0 + kFR, n0, n0 + kFTile);
     bool keep[kFR] = {true, true, true, true};
     if (drop.on) f32_keep_rows(drop, uint32_t(bh), i0, n0, lane, keep);
     float ds[kFR];
 #pragma unroll
     for (int r = 0; r < kFR; ++r) {
-      const float pr = exp2f(logit2(p, L, S, mv, edge, s[r], i0 + r, j) - lse2[r]);
+      float dcap;
+      const float pr = exp2f(logit2(p, L, S, bd, mv, edge, s[r], i0 + r, j, dcap) - lse2[r]);
       const float d = drop.on ? (keep[r] ? dp[r] * drop.scale : 0.f) : dp[r];
-      ds[r] = pr * (d - dlt[r]);
+      ds[r] = pr * (d - dlt[r]) * dcap;
     }
     for (int jj = 0; jj < kFTile; ++jj) {
       float dsj[kFR];
@@ -1199,8 +1310,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_f32(const __grid_const
     const int r = idx / Ev, e = idx - r * Ev, j = kb0 + r;
     sV[idx] = j < S ? vg[j * p.v_sl + e] : 0.f;
   }
-  const int mt_begin = p.causal ? kb0 / kFTile : 0;
-  const int mt_end = (L + kFTile - 1) / kFTile;
+  const Band bd = band_of(p, L, S);  // the query tiles attending keys [kb0, kb_end)
+  const int kb_end = min(S, kb0 + kFRows);
+  const int mt_begin = bd.query_begin(kb0) / kFTile;
+  const int mt_end = (bd.query_end(kb_end, L) + kFTile - 1) / kFTile;
   const Dropout drop = load_dropout(p);
 
   float dk[kFR][kFCols], dv[kFR][kFCols];
@@ -1251,7 +1364,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_f32(const __grid_const
         }
       }
       const bool edge = p.mask_kind != kMaskNone || kb0 + kFRows > S ||
-                        (p.causal && kb0 + kFRows - 1 > m0) || m0 + kFTile > L;
+                        !bd.covers(m0, m0 + kFTile, kb0, kb_end) || m0 + kFTile > L;
       // Keys kw0 .. kw0 + 3 share the 8-key group kw0 >> 3 (kw0 is a multiple of 4).
       const uint32_t kbits =
           drop.on ? dropout_keep8(drop.seed, drop.offset, uint32_t(bh), uint32_t(i),
@@ -1260,11 +1373,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_f32(const __grid_const
       float pz[kFR], ds[kFR];
 #pragma unroll
       for (int r = 0; r < kFR; ++r) {
-        const float pr = exp2f(logit2(p, L, S, mv, edge, s[r], i, kw0 + r) - lse2);
+        float dcap;
+        const float pr = exp2f(logit2(p, L, S, bd, mv, edge, s[r], i, kw0 + r, dcap) - lse2);
         const bool keep = (kbits >> ((kw0 & 7) + r)) & 1u;
         const float d = drop.on ? (keep ? dp[r] * drop.scale : 0.f) : dp[r];
         pz[r] = drop.on && !keep ? 0.f : pr;
-        ds[r] = pr * (d - dlt);
+        ds[r] = pr * (d - dlt) * dcap;
       }
       for (int ii = 0; ii < kFTile; ++ii) {
         float pi[kFR], si[kFR];
@@ -1396,7 +1510,8 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.kr_b = int64_t(p.Hk) * p.S, p.kr_h = p.S, p.kr_l = 1;
   p.scale = float(scale);
   p.scale_log2 = float(scale * 1.4426950408889634);
-  p.causal = is_causal;
+  p.win_left = -1;  // the plain op; set_options below for the rest
+  p.win_right = is_causal ? 0 : -1;
   p.mask_kind = kMaskNone;
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
@@ -1514,15 +1629,38 @@ void launch_bwd(const char* who, AttnParams& p, at::ScalarType st, int64_t B, in
   });
 }
 
-// The options after scale (docs/attention.md, "Causal, windows, soft-capping") are not in these
-// kernels yet: fastlm.scaled_dot_product_attention and fastlm.varlen_attention run calls that
-// set them on another backend (fastlm/ops/attention.py), so only the defaults reach here.
-void check_no_opts(const char* who, int64_t window_left, int64_t window_right,
-                   bool lower_right, double softcap) {
-  attn_check_opts(who, window_left, window_right, softcap);
-  TORCH_CHECK(window_left == -1 && window_right == -1 && !lower_right && softcap == 0.0, who,
-              ": the CUDA kernels do not implement window_left/window_right, lower_right or "
-              "softcap yet (use the triton or cpu backend)");
+// The options after scale (docs/attention.md, "Causal, windows, soft-capping"), checked and
+// resolved into p: causal folded into the window's right bound, bounds past 2^31 - 1 (beyond
+// any length) clamped, the soft-cap's constants.
+struct Options {
+  int64_t window_left, window_right;
+  bool lower_right;
+  double softcap;
+};
+
+void set_options(const char* who, AttnParams& p, bool is_causal, const Options& o) {
+  attn_check_opts(who, o.window_left, o.window_right, o.softcap);
+  constexpr int64_t kBig = std::numeric_limits<int32_t>::max();
+  int64_t right = o.window_right;
+  if (is_causal) right = right < 0 ? 0 : std::min<int64_t>(right, 0);
+  p.win_left = int(std::min(o.window_left, kBig));
+  p.win_right = int(std::min(right, kBig));
+  p.lower_right = o.lower_right;
+  p.softcap = float(o.softcap);
+  if (o.softcap > 0.0) {
+    p.cap_in = float(double(p.scale) / o.softcap);
+    p.cap_out2 = float(o.softcap * 1.4426950408889634);
+  }
+}
+
+// Whether p is what the sm_90a kernels compute (their table has no window, lower-right
+// diagonal or soft-cap yet): no bound, or causal with the top-left diagonal (the diagonals
+// coincide when L == S); then *causal says which.
+bool sm90_plain(const AttnParams& p, bool* causal) {
+  if (p.softcap > 0.f || p.win_left >= 0) return false;
+  if (p.win_right < 0) return *causal = false, true;
+  if (p.win_right == 0 && (!p.lower_right || p.L == p.S)) return *causal = true, true;
+  return false;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query,
@@ -1536,7 +1674,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query,
                                                       double softcap) {
   const char* who = kFwd;
   attn_check_fwd(who, query, key, value, mask, rng, dropout_p, is_causal);
-  check_no_opts(who, window_left, window_right, lower_right, softcap);
+  attn_check_opts(who, window_left, window_right, softcap);
   check_head_dims(who, query.size(3), value.size(3));
   check_sizes(who, query, key);
   c10::cuda::CUDAGuard guard(query.device());
@@ -1554,10 +1692,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query,
   const at::Tensor q = f32 ? query : mma_ready(query);
   const at::Tensor k = f32 ? key : mma_ready(key);
   const at::Tensor v = f32 ? value : mma_ready(value);
-  // Hopper: the sm_90a kernels where their table (attention_sm90.cu) admits the problem.
-  if (!f32 && attention_fwd_sm90(q, k, v, mask, rng, dropout_p, is_causal, scale, out, lse))
-    return {out, lse};
   AttnParams p = make_params(q, k, v, mask, rng, dropout_p, is_causal, scale);
+  set_options(who, p, is_causal, {window_left, window_right, lower_right, softcap});
+  // Hopper: the sm_90a kernels where their table (attention_sm90.cu) admits the problem.
+  bool causal90 = false;
+  if (!f32 && sm90_plain(p, &causal90) &&
+      attention_fwd_sm90(q, k, v, mask, rng, dropout_p, causal90, scale, out, lse))
+    return {out, lse};
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   launch_fwd(who, p, q.scalar_type(), B, q.get_device(), c10::cuda::getCurrentCUDAStream());
@@ -1572,7 +1713,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     bool lower_right, double softcap) {
   const char* who = kBwd;
   attn_check_bwd(who, grad_out, query, key, value, out, lse, mask, rng, dropout_p, is_causal);
-  check_no_opts(who, window_left, window_right, lower_right, softcap);
+  attn_check_opts(who, window_left, window_right, softcap);
   check_head_dims(who, query.size(3), value.size(3));
   check_sizes(who, query, key);
   const int64_t B = query.size(0), Hq = query.size(1), L = query.size(2), S = key.size(2);
@@ -1597,12 +1738,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor delta = at::empty({B, Hq, L}, query.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   launch_delta(who, dO, o, delta, /*packed=*/false, stream);
+  AttnParams p = make_params(q, k, v, mask, rng, dropout_p, is_causal, scale);
+  set_options(who, p, is_causal, {window_left, window_right, lower_right, softcap});
   // Hopper: the sm_90a kernels where their table (attention_sm90.cu) admits the problem.
-  if (!f32 && attention_bwd_sm90(dO, q, k, v, ls, delta, mask, rng, dropout_p, is_causal, scale,
-                                 dq, dk, dv))
+  bool causal90 = false;
+  if (!f32 && sm90_plain(p, &causal90) &&
+      attention_bwd_sm90(dO, q, k, v, ls, delta, mask, rng, dropout_p, causal90, scale, dq, dk,
+                         dv))
     return {dq, dk, dv};
 
-  AttnParams p = make_params(q, k, v, mask, rng, dropout_p, is_causal, scale);
   p.dout = dO.const_data_ptr();
   p.do_sb = dO.stride(0), p.do_sh = dO.stride(1), p.do_sl = dO.stride(2);
   p.lse = const_cast<float*>(ls.const_data_ptr<float>());  // read only in the backward
@@ -1672,7 +1816,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
     int64_t window_left, int64_t window_right, bool lower_right, double softcap) {
   const char* who = "fastlm.varlen_attention_fwd";
   varlen_check(who, query, key, value, cu_q, cu_k, rng, dropout_p, is_causal);
-  check_no_opts(who, window_left, window_right, lower_right, softcap);
+  attn_check_opts(who, window_left, window_right, softcap);
   check_head_dims(who, query.size(2), value.size(2));
   c10::cuda::CUDAGuard guard(query.device());
   const int64_t Tq = query.size(0), Hq = query.size(1), Ev = value.size(2);
@@ -1688,6 +1832,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
     return {out, lse};
   }
   AttnParams& p = V.p;
+  set_options(who, p, is_causal, {window_left, window_right, lower_right, softcap});
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   launch_fwd(who, p, q.scalar_type(), p.B, q.get_device(), c10::cuda::getCurrentCUDAStream());
@@ -1703,7 +1848,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
   const char* who = "fastlm.varlen_attention_bwd";
   varlen_check_bwd(who, grad_out, query, key, value, out, lse, cu_q, cu_k, rng, dropout_p,
                    is_causal);
-  check_no_opts(who, window_left, window_right, lower_right, softcap);
+  attn_check_opts(who, window_left, window_right, softcap);
   check_head_dims(who, query.size(2), value.size(2));
   c10::cuda::CUDAGuard guard(query.device());
   at::Tensor dq = at::empty(query.sizes(), query.options());
@@ -1728,6 +1873,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
   VarlenParams V = make_varlen(who, q, k, v, cu_q, cu_k, max_q, max_k, rng, dropout_p,
                                is_causal, scale);
   AttnParams& p = V.p;
+  set_options(who, p, is_causal, {window_left, window_right, lower_right, softcap});
   p.dout = dO.const_data_ptr();
   p.do_sb = 0, p.do_sh = dO.stride(1), p.do_sl = dO.stride(0);
   p.lse = const_cast<float*>(ls.const_data_ptr<float>());  // read only in the backward

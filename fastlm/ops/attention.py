@@ -538,20 +538,6 @@ def _plain(opts):
     return opts == (-1, -1, False, 0.0)
 
 
-def _route_options(who, name, device, opts):
-    """The backend for a call with the options `opts` set: the CUDA C++ kernels do not have
-    them yet, so such calls run on Triton (else the reference), said once."""
-    if name != "cuda" or _plain(opts):
-        return name
-    to = "triton" if backends.available()["triton"][device.type][0] else "torch"
-    if backends.forced() == "cuda":
-        raise _err(ValueError, "the cuda backend does not implement window_size, lower_right "
-                               "or softcap yet (use the triton or cpu backend)", who)
-    log_once(f"{who}-options-cuda", f"{who}: window_size, lower_right and softcap are not in "
-             f"the CUDA C++ kernels yet: such calls run on the {to} backend")
-    return to
-
-
 def _check_inputs(query, key, value, attn_mask, dropout_p):
     _check_qkv(_WHO, ("query", "key", "value"), (query, key, value))
     if key.shape[-2] != value.shape[-2]:
@@ -752,7 +738,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         name = "torch"
     if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
         name = "torch"
-    name = _route_options(_WHO, name, dev, opts)
     rng = _new_rng(dev) if dropout_p > 0.0 else None
     # the options ride after scale only when set: the default call is unchanged (opcheck,
     # torch.compile graphs, older ops)
@@ -866,7 +851,6 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         name = _beyond_head_dim(who)
     if q.numel() == 0 or k.shape[0] == 0 or Ev == 0:
         name = "torch"
-    name = _route_options(who, name, dev, opts)
     rng = _new_rng(dev) if dropout_p > 0.0 else None
     args = (cu_q, cu_k, max_seqlen_q, max_seqlen_k, rng, dropout_p, bool(is_causal), scale,
             *(() if _plain(opts) else opts))
