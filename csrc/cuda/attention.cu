@@ -433,6 +433,10 @@ struct Cfg {
   static constexpr int DQ_BM = 64;                     // query rows per dQ block
   static constexpr int DQ_BN = D <= 64 ? 64 : 32;      // keys per dQ tile
   static constexpr int STAGES = 2;                     // cp.async ring depth
+  // Forward blocks per SM the registers must allow (launch bounds): 4 (<= 128 registers) up
+  // to D = 128, where ptxas otherwise takes 158 (3 blocks) for the band and soft-cap code;
+  // with the bound it needs 118 and spills nothing (sm_80, CUDA 13.0). D = 256 needs ~240.
+  static constexpr int FWD_MIN_BLOCKS = D <= 128 ? 4 : 1;
   static constexpr size_t fwd_smem(size_t el) {
     return size_t(FWD_BM + STAGES * 2 * FWD_BN) * SROW * el;
   }
@@ -447,7 +451,7 @@ struct Cfg {
 // ------------------------------------------------------------------------------------------
 // Forward (tensor cores).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attn_fwd_mma(const __grid_constant__ AttnParams p) {
+__global__ void __launch_bounds__(kThreads, Cfg<D>::FWD_MIN_BLOCKS) attn_fwd_mma(const __grid_constant__ AttnParams p) {
   using C = Cfg<D>;
   constexpr int BM = C::FWD_BM, BN = C::FWD_BN, DC = C::FWD_DC, SROW = C::SROW, ST = C::STAGES;
   constexpr int NT = BN / 8;  // key n-tiles per tile

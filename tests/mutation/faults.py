@@ -58,8 +58,8 @@ FAULTS = [
           "                                      cudaFuncAttributeMaxDynamicSharedMemorySize, "
           "int(bytes)));\n", "\n"),
     Fault("attn-fwd-launch-bounds-64", "launch bounds", "attention",
-          "__global__ void __launch_bounds__(kThreads) attn_fwd_mma(",
-          "__global__ void __launch_bounds__(kThreads / 2) attn_fwd_mma("),
+          "__global__ void __launch_bounds__(kThreads, Cfg<D>::FWD_MIN_BLOCKS) attn_fwd_mma(",
+          "__global__ void __launch_bounds__(kThreads / 2, Cfg<D>::FWD_MIN_BLOCKS) attn_fwd_mma("),
     Fault("attn-store-no-row-bound", "out-of-bounds global", "attention",
           "    const int row = row0 + g + 8 * r;\n    if (row >= rows) continue;\n",
           "    const int row = row0 + g + 8 * r;\n"),
