@@ -50,7 +50,8 @@ declare -A EXPECT=(
   # others less; all at once on 16 cores -> ~115 s, + pip ~15 s, + at most 30 s for the Triton
   # warm-up to finish its current part. The warm-up itself runs beside nvcc on the idle cores.
   [build]=150
-  # 418 tests (tests/smoke.py; 159 on Triton), ~0.1-0.3 s each on 8 xdist workers (~15 s) plus
+  # 486 tests (tests/smoke.py; 418 before the Llama-class ops and attention options joined),
+  # ~0.1-0.3 s each on 8 xdist workers (~17 s) plus
   # worker start (~15 s), plus the Triton kernels the warm-up did not compile: at most 4 per
   # attention test (59) and 3 per LayerNorm/Adam test (100), ~540 kernels x 1.1 s (24 sm_90a
   # kernels took 27 s of CPU with `fastlm compile`, triton 3.8) ~ 600 CPU-s, an upper bound;

@@ -69,6 +69,21 @@ RULES = {
     "test_optim.py::test_many_tensors": ["*"],
     "test_optim.py::test_odd_and_empty_sizes": ["*"],
     "test_optim.py::test_step_captured_in_cuda_graph": ["*"],
+    # Llama-class ops (issue 13): RMSNorm and add+RMSNorm per dtype (and dropout), rotary in
+    # both layouts, SwiGLU and both GeGLUs; the attention options (lower-right causal with rows
+    # that attend nothing, a window with soft-capping, a lower-right window; dropout; varlen).
+    "test_rms_norm.py::test_forward_backward_dtypes": [
+        "weight-float32-*", "weight-bfloat16-pbfloat16-*", "none-float16-pfloat32-*"],
+    "test_rms_norm.py::test_add_forward_backward": [
+        "w1-p0.3-gs1-bfloat16-pbfloat16-*", "w1-p0.3-gs1-float16-pfloat32-*",
+        "w1-p0.0-gs0-float32-*"],
+    "test_rotary.py::test_forward_backward": ["half-*", "interleaved-torch.bfloat16-*"],
+    "test_glu.py::test_forward_backward": [
+        "swiglu-*", "geglu-tanh-torch.bfloat16-*", "geglu-erf-torch.float16-*"],
+    "test_attention_options.py::test_options_match_oracle": [
+        "*-causal-lower-right-L>S-*", "*-softcap-causal-window-*", "*-window-lower-right-L<S-*"],
+    "test_attention_options.py::test_options_with_dropout_are_the_reference": ["*"],
+    "test_attention_options.py::test_varlen_options_are_each_sequence_alone": ["*"],
     # Modules built from the ops, on CUDA tensors.
     "test_nn_transformer.py::test_layers_match_torch_on_every_backend": ["*"],
     "test_patch.py::test_cuda_model_stays_on_cuda": ["*"],
@@ -78,6 +93,10 @@ RULES = {
 FAMILIES = {
     "test_attention.py": "attention",
     "test_attention_varlen.py": "varlen_attention",
+    "test_attention_options.py": "attention",
+    "test_rms_norm.py": "rms_norm",
+    "test_rotary.py": "rotary",
+    "test_glu.py": "glu",
     "test_layer_norm.py": "layer_norm",
     "test_nn_layer_norm.py": "layer_norm",
     "test_add_layer_norm.py": "add_layer_norm",

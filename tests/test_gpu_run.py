@@ -270,6 +270,14 @@ FEATURES = {
     "clip_grad_norm": ("test_optim.py::test_max_grad_norm_equals_clip_grad_norm", ""),
     "Adam master weights": ("test_optim.py::test_master_weights", ""),
     "CUDA graph capture": ("test_optim.py::test_step_captured_in_cuda_graph", ""),
+    "attention window + soft-cap": ("test_attention_options.py::test_options_match_oracle",
+                                    "softcap-causal-window"),
+    "lower-right causal": ("test_attention_options.py::test_options_match_oracle",
+                           "causal-lower-right"),
+    "attention options + dropout": (
+        "test_attention_options.py::test_options_with_dropout_are_the_reference", ""),
+    "add+RMSNorm dropout": ("test_rms_norm.py::test_add_forward_backward", "p0.3"),
+    "interleaved rotary": ("test_rotary.py::test_forward_backward", "interleaved"),
 }
 MAX_SMOKE = 500  # the two-minute budget (scripts/gpu_run.sh, EXPECT[smoke]: how it was estimated)
 
@@ -291,7 +299,8 @@ def test_smoke_marker_follows_the_rules(smoke_ids):
 
 def test_smoke_covers_every_family_backend_and_dtype(smoke_ids):
     have = {(smoke.family(n), smoke.backend_of(n), smoke.dtype_of(n)) for n in smoke_ids}
-    for fam in ("attention", "varlen_attention", "layer_norm", "add_layer_norm"):
+    for fam in ("attention", "varlen_attention", "layer_norm", "add_layer_norm", "rms_norm",
+                "rotary", "glu"):
         for backend in BACKENDS + ("torch",):
             for dt in DTYPES:
                 assert (fam, backend, dt) in have, f"smoke lacks {fam} on {backend} in {dt}"
