@@ -55,6 +55,7 @@ def _every_variant(monkeypatch, fwd_tile, bwd_tile, dkdv_tile, dq_tile):
     monkeypatch.setattr(sm90, "MASKS", dict.fromkeys(sm90.MASKS, True))
     monkeypatch.setattr(sm90, "VARLEN", dict.fromkeys(sm90.VARLEN, True))
     monkeypatch.setattr(sm90, "EXCLUDED", set())
+    monkeypatch.setattr(sm90, "EXCLUDED_OPTIONS", {})
 
 
 # Small tiles (interpreter) with BLOCK_M != BLOCK_N both ways in the backward, so that the
@@ -145,6 +146,81 @@ CASE_DTYPES = ([pytest.param(c, torch.bfloat16, id=f"{c.name}-bfloat16") for c i
 def test_tma_kernels_match_oracle(tma, case, dtype):
     ta.compare_sdpa(*BACKEND, case, dtype)
     _ran_tma(tma)
+
+
+# The attention options (docs/attention.md, "Causal, windows, soft-capping") on the TMA
+# forward and the split backward (the fused backward has none: such calls take the split one):
+# test_attention_options' float64 oracle and cases.
+OPTION_CASES = ["causal-lower-right-L>S", "window-lower-right-L<S", "softcap-causal-window",
+                "softcap", "window-causal-left-7"]
+
+
+@pytest.fixture
+def split_spy(monkeypatch):
+    """The kernels each split backward chose ({"dkdv": ..., "dq": ...} per call)."""
+    chosen = []
+    real = tk.split_kernels
+
+    def spy(*args, **kw):
+        got = real(*args, **kw)
+        chosen.append(got)
+        return got
+
+    monkeypatch.setattr(tk, "split_kernels", spy)
+    return chosen
+
+
+@pytest.mark.parametrize("name", OPTION_CASES)
+def test_tma_kernels_take_the_options(tma, split_spy, name):
+    import test_attention_options as tao
+
+    case = next(c for c in tao.OPTION_CASES if c[0] == name)
+    _, L, S, E, causal, window, lower_right, softcap, hq, hk = case
+    tao._compare(*BACKEND, torch.bfloat16, L, S, E, causal, window, lower_right, softcap, hq,
+                 hk)
+    assert ("fwd", "tma") in tma, tma
+    assert ("bwd", "split") in tma, f"options run the split backward: {tma}"
+    assert split_spy and all(k == {"dkdv": "tma", "dq": "tma"} for k in split_spy), split_spy
+
+
+def test_tma_options_with_dropout_are_the_reference(tma_one, split_spy):
+    import test_attention_options as tao
+
+    tao.test_options_with_dropout_are_the_reference(*BACKEND)
+    assert ("fwd", "tma") in tma_one and ("bwd", "split") in tma_one, tma_one
+    assert all(k == {"dkdv": "tma", "dq": "tma"} for k in split_spy), split_spy
+
+
+def test_tma_varlen_options_are_each_sequence_alone(tma_one, split_spy):
+    import test_attention_options as tao
+
+    tao.test_varlen_options_are_each_sequence_alone(*BACKEND)
+    assert ("fwd", "tma") in tma_one and ("bwd", "split") in tma_one, tma_one
+    assert all(k == {"dkdv": "tma", "dq": "tma"} for k in split_spy), split_spy
+
+
+def test_tma_option_table():
+    """Soft-capping with a mask runs the FlashAttention-2 kernels (the TMA dK/dV kernel
+    recovers tanh from p, which an additive mask would shift); the fused backward takes no
+    option; without a mask the forward and split kernels take them (where EXCLUDED_OPTIONS
+    does not list the variant)."""
+    bf = torch.bfloat16
+    for kind in ("fwd", "bwd", "dkdv", "dq"):
+        assert not sm90.supports(kind, bf, 64, 64, True, False, False, False, False, True)
+    assert not sm90.supports("bwd", bf, 64, 64, False, False, False, False, True)
+    for kind in ("fwd", "dkdv", "dq"):
+        assert sm90.supports(kind, bf, 64, 64, False, False, False, True, True, False)
+    assert not sm90.supports("dkdv", bf, 128, 128, False, False, True, False, False, True)
+    assert sm90.supports("fwd", bf, 64, 64, False, False, True, True, False, True)
+    assert not sm90.supports("fwd", torch.float16, 64, 64, False, False, True, True, False,
+                             True)
+    for v in sm90.option_variants():
+        kind, part, d, causal, dropout, _, varlen, window, softcap = v
+        assert "bfloat16" not in sm90.EXCLUDED_OPTIONS.get(
+            (kind, d, causal, dropout, varlen, window, softcap), ())
+        if kind == "dkdv":
+            two = (d, causal, dropout, varlen, window, softcap) in sm90.DKDV_TWO_PASS_OPTIONS
+            assert (part in (1, 2)) == two
 
 
 def test_tma_kernels_fully_masked_rows(tma):
@@ -257,10 +333,15 @@ def test_split_backward_table():
     assert sm90.dkdv_parts(128, 128, 0, True, False, True) == (1, 2)
     assert sm90.dkdv_parts(64, 64, 0, True, True) == (0,)
     assert sm90.dkdv_parts(64, 64, 2, False, True) == (1, 2)
-    # every accepted spill names a variant the table ships
-    shipped = set(sm90.variants())
-    for kind, part, d, causal, dropout, mask, varlen in sm90.SPILLS:
-        assert (kind, part, d, causal, dropout, mask, varlen) in shipped
+    # options: one launch, two, or the FlashAttention-2 dK/dV kernel (EXCLUDED_OPTIONS)
+    assert sm90.dkdv_parts(128, 128, 0, False, False, False, True, False) == (0,)
+    assert sm90.dkdv_parts(128, 128, 0, False, False, False, False, True) == (1, 2)
+    assert tk.split_kernels(bf, 128, 128, False, False, True, False, (False, True, ())) == {
+        "dkdv": "fa2", "dq": "tma"}
+    # every accepted spill names a variant the table ships (options: a 9-tuple)
+    shipped = set(sm90.variants()) | set(sm90.option_variants())
+    for key in sm90.SPILLS:
+        assert key in shipped, key
 
 
 def test_table_falls_back_where_tma_cannot_go():
@@ -403,8 +484,8 @@ def _check(spec, m, sass, res, ttgir):
     impl, dt, kind, *v = spec
     bad = []
     if impl == "tma":
-        part, d, causal, dropout, mask, varlen = v
-        allowed = sm90.SPILLS.get((kind, part, d, causal, dropout, mask, varlen), (0, 0))
+        part, d, causal, dropout, mask, varlen, *opts = v  # opts: (window, softcap) if set
+        allowed = sm90.SPILLS.get((kind, part, d, causal, dropout, mask, varlen, *opts), (0, 0))
         hgmma = sorted({int(n) for n in re.findall(r"HGMMA\.64x(\d+)x16", sass)})
         if "UTMALDG" not in sass:
             bad.append("no TMA load (UTMALDG)")
@@ -448,6 +529,10 @@ SASS_SUBSET = [
     ["tma", "bfloat16", "dkdv", 1, 128, False, False, 1, False],
     ["tma", "bfloat16", "dq", None, 128, False, False, 0, False],
     ["tma", "bfloat16", "dq", None, 128, True, True, 0, False],
+    ["tma", "bfloat16", "fwd", None, 128, False, False, 0, False, True, True],
+    ["tma", "bfloat16", "dkdv", 0, 128, False, False, 0, False, True, False],
+    ["tma", "bfloat16", "dkdv", 2, 128, False, True, 0, True, True, True],
+    ["tma", "float16", "dq", None, 128, True, True, 0, False, False, True],
     ["fa2", "bfloat16", "fwd", 128, False, False, 2, False],
     ["fa2", "bfloat16", "fwd", 128, False, True, 1, False],
     ["fa2", "bfloat16", "dkdv", 128, True, False, 0, False],
@@ -464,6 +549,17 @@ def test_sm90_sass_facts(tmp_path):
     head dim 128, tensors TMA cannot address), in representative variants and in those
     carrying an accepted spill: module docstring, part 3."""
     _sass_check(tmp_path, SASS_SUBSET)
+
+
+@pytest.mark.ondemand
+@pytest.mark.skipif(_tool("cuobjdump") is None, reason="triton ships no cuobjdump here")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sm90_sass_facts_option_variants(tmp_path, dtype):
+    """The same for every launch with the attention options that the table ships
+    (attention_sm90.option_variants: windows, soft-capping, with causal, dropout, varlen; head
+    dims 64 and 128)."""
+    _sass_check(tmp_path, [["tma", dtype, *v]
+                           for v in sm90.option_variants(dtype=getattr(torch, dtype))])
 
 
 @pytest.mark.ondemand

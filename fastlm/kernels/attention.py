@@ -1014,17 +1014,18 @@ class force_variant:
         _FORCED.update(self.saved)
 
 
-def variant(kind, tensors, e, ev, masked, causal, dropout, arch, varlen=False):
+def variant(kind, tensors, e, ev, masked, causal, dropout, arch, varlen=False, opts=None):
     """The kernels that run `kind` for these tensors (q, k, v and out or grad_out) with head
-    dims e, ev, a mask or not, causal or not, dropout or not, packed sequences or not, on
-    compute capability `arch`: "tma" or "fa2" for kind "fwd"; "fused", "split" or "fa2" for
-    kind "bwd"."""
+    dims e, ev, a mask or not, causal or not, dropout or not, packed sequences or not, the
+    options `opts` (_options' second value; None: none), on compute capability `arch`: "tma"
+    or "fa2" for kind "fwd"; "fused", "split" or "fa2" for kind "bwd"."""
     from . import attention_sm90 as sm90
 
     name = _FORCED.get(kind) or _VARIANTS[90 if arch >= 90 else 80][kind]
     if name == "fa2" or not sm90.tma_ready(*tensors):
         return "fa2"
-    args = (tensors[0].dtype, e, ev, masked, causal, dropout, varlen)
+    window, softcap, _ = opts or _PLAIN
+    args = (tensors[0].dtype, e, ev, masked, causal, dropout, varlen, window, softcap)
     if kind == "fwd":
         return "tma" if sm90.supports("fwd", *args) else "fa2"
     if name in ("tma", "fused") and sm90.supports("bwd", *args):
@@ -1034,11 +1035,12 @@ def variant(kind, tensors, e, ev, masked, causal, dropout, arch, varlen=False):
     return "fa2"
 
 
-def split_kernels(dtype, e, ev, masked, causal, dropout, varlen=False):
+def split_kernels(dtype, e, ev, masked, causal, dropout, varlen=False, opts=None):
     """{"dkdv": "tma" | "fa2", "dq": ...}: the kernels of a "split" backward."""
     from . import attention_sm90 as sm90
 
-    args = (dtype, e, ev, masked, causal, dropout, varlen)
+    window, softcap, _ = opts or _PLAIN
+    args = (dtype, e, ev, masked, causal, dropout, varlen, window, softcap)
     return {kind: "tma" if sm90.supports(kind, *args) else "fa2" for kind in ("dkdv", "dq")}
 
 
@@ -1178,19 +1180,20 @@ def _dq_call(q, k, v, do, lse, delta, mask, rng, dq, shape, qs, ks, vs, dos, ms,
 
 
 def _tma_fwd_call(q, k, v, mask, rng, out, lse, shape, ms, dtype, scale, thresh, rscale,
-                  mask_kind, causal, dropout, vl=None):
+                  mask_kind, causal, dropout, vl=None, opts=None):
     """(grid, args, meta) of attention_sm90._attn_fwd_tma; q, k, v, out are tensors (their
     TMA descriptors are built here)."""
     from . import attention_sm90 as sm90
 
     B, Hq, Hk, L, S, E, Ev = shape
     cu_q, cu_k, tq, varlen = _vl_args(vl, q)
+    window, softcap, opt_args = opts or _PLAIN
     mt = sm90.meta("fwd", E, Ev, L, S, mask_kind, causal, dropout, _dot_mode(dtype), varlen,
-                   _fit)
+                   _fit, window, softcap)
     tiles = triton.cdiv(L, mt["BLOCK_M"]) * B * Hq
     grid = (sm90._programs(q.device, tiles, 1) if sm90.PERSISTENT_FWD else tiles,)
     args = (*sm90.fwd_descs(q, k, v, out, mt, varlen), mask, rng, cu_q, cu_k, out, lse, *ms, B,
-            Hq, Hq // Hk, L, S, tq, scale * LOG2E, thresh, rscale)
+            Hq, Hq // Hk, L, S, tq, scale * LOG2E, thresh, rscale, *opt_args)
     return grid, args, mt
 
 
@@ -1239,16 +1242,17 @@ def _split_bwd(grad_out, q, k, v, lse, delta, mask, rng, dq, dk, dv, shape, stri
                                             *strides, *flags, vl, opts)
                 wrap_triton(_attn_bwd_dq)[grid](*args, **meta)
             continue
+        window, softcap, opt_args = opts or _PLAIN
         mt = sm90.meta(kind, E, Ev, L, S, mask_kind, causal, dropout, _dot_mode(dtype), varlen,
-                       _fit)
-        parts = (sm90.dkdv_parts(E, Ev, mask_kind, causal, dropout, varlen)
+                       _fit, window, softcap)
+        parts = (sm90.dkdv_parts(E, Ev, mask_kind, causal, dropout, varlen, window, softcap)
                  if kind == "dkdv" else (None,))
         for part in parts:
             if part is not None:
                 mt["PART"] = part
             kernel, grid, args = sm90.split_call(kind, q, k, v, grad_out, lse, delta, mask, rng,
                                                  cu_q, cu_k, outs, strides[-1], shape, tq,
-                                                 scale, thresh, rscale, mt)
+                                                 scale, thresh, rscale, mt, opt_args)
             wrap_triton(kernel)[grid](*args, **mt)
 
 
@@ -1265,7 +1269,8 @@ def forward(q, k, v, mask, rng, dropout_p, is_causal, scale, window_left=-1, win
             lower_right=False, softcap=0.0):
     """(out, lse) of docs/attention.md: out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L)
     float32 natural log (+inf for rows that may attend no key). The options after scale (a
-    window, the lower-right diagonal, soft-capping) run on the FlashAttention-2 kernels."""
+    window, the lower-right diagonal, soft-capping) run on the TMA kernels where their table
+    has them (attention_sm90.OPTIONS), else on the FlashAttention-2 kernels."""
     is_causal, opts = _options(is_causal, window_left, window_right, lower_right, softcap)
     q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
     shape = B, Hq, _, L, _, _, Ev = _shape(q, k, v)
@@ -1276,13 +1281,13 @@ def forward(q, k, v, mask, rng, dropout_p, is_causal, scale, window_left=-1, win
     mask_ptr, ms = _mask_arg(mask, q)
     rng_ptr, thresh, rscale, dropout = _dropout_args(rng, dropout_p, q)
     arch = _arch(q.device)
-    if opts == _PLAIN and variant("fwd", (q, k, v, out), shape[5], Ev, mask is not None,
-                                  is_causal, dropout, arch) == "tma":
+    if variant("fwd", (q, k, v, out), shape[5], Ev, mask is not None, is_causal, dropout,
+               arch, False, opts) == "tma":
         from . import attention_sm90 as sm90
 
         grid, args, meta = _tma_fwd_call(q, k, v, mask_ptr, rng_ptr, out, lse, shape, ms,
                                          q.dtype, scale, thresh, rscale, _mask_kind(mask),
-                                         bool(is_causal), dropout)
+                                         bool(is_causal), dropout, None, opts)
         wrap_triton(sm90._attn_fwd_tma)[grid](*args, **meta)
         return out, lse
     grid, args, meta = _fwd_call(q, k, v, mask_ptr, rng_ptr, out, lse, shape, _st(q), _st(k),
@@ -1316,13 +1321,13 @@ def backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     grid, args, meta = _pre_call(out, grad_out, delta, shape, _st(grad_out))
     wrap_triton(_attn_bwd_pre)[grid](*args, **meta)
-    bwd = "fa2" if opts != _PLAIN else variant("bwd", (q, k, v, grad_out), E, Ev,
-                                                mask is not None, is_causal, dropout, flags[-1])
+    bwd = variant("bwd", (q, k, v, grad_out), E, Ev, mask is not None, is_causal, dropout,
+                  flags[-1], False, opts)
     if bwd == "fused":
         _tma_bwd(grad_out, q, k, v, lse, delta, mask_ptr, rng_ptr, dq, dk, dv, shape, ms,
                  *flags[:-1])
         return dq, dk, dv
-    kernels = (split_kernels(q.dtype, E, Ev, mask is not None, is_causal, dropout)
+    kernels = (split_kernels(q.dtype, E, Ev, mask is not None, is_causal, dropout, False, opts)
                if bwd == "split" else {"dkdv": "fa2", "dq": "fa2"})
     _split_bwd(grad_out, q, k, v, lse, delta, mask_ptr, rng_ptr, dq, dk, dv, shape, strides,
                *flags, kernels, None, opts)
@@ -1358,13 +1363,13 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     rng_ptr, thresh, rscale, dropout = _dropout_args(rng, dropout_p, q)
     vl = (_cu(cu_seqlens_q), _cu(cu_seqlens_k), tq)
     arch = _arch(q.device)
-    if opts == _PLAIN and variant("fwd", (q, k, v, out), E, Ev, False, is_causal, dropout,
-                                  arch, True) == "tma":
+    if variant("fwd", (q, k, v, out), E, Ev, False, is_causal, dropout, arch, True,
+               opts) == "tma":
         from . import attention_sm90 as sm90
 
         grid, args, meta = _tma_fwd_call(q, k, v, q, rng_ptr, out, lse, shape, (0, 0, 0, 0),
                                          q.dtype, scale, thresh, rscale, _MASK_NONE,
-                                         bool(is_causal), dropout, vl)
+                                         bool(is_causal), dropout, vl, opts)
         wrap_triton(sm90._attn_fwd_tma)[grid](*args, **meta)
         return out, lse
     grid, args, meta = _fwd_call(q, k, v, q, rng_ptr, out, lse, shape, _vl_strides(q),
@@ -1404,14 +1409,14 @@ def varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     grid, args, meta = _pre_call(out, grad_out, delta, (1, Hq, Hk, tq, tk, E, Ev),
                                  _vl_strides(grad_out), varlen=True)
     wrap_triton(_attn_bwd_pre)[grid](*args, **meta)
-    bwd = "fa2" if opts != _PLAIN else variant("bwd", (q, k, v, grad_out), E, Ev, False,
-                                                is_causal, dropout, flags[-1], True)
+    bwd = variant("bwd", (q, k, v, grad_out), E, Ev, False, is_causal, dropout, flags[-1], True,
+                  opts)
     if bwd == "fused":
         dq.zero_()  # the rows of a sequence without keys get no dS K from any key block
         _tma_bwd(grad_out, q, k, v, lse, delta, q, rng_ptr, dq, dk, dv, shape, (0, 0, 0, 0),
                  *flags[:-1], vl)
         return dq, dk, dv
-    kernels = (split_kernels(q.dtype, E, Ev, False, is_causal, dropout, True)
+    kernels = (split_kernels(q.dtype, E, Ev, False, is_causal, dropout, True, opts)
                if bwd == "split" else {"dkdv": "fa2", "dq": "fa2"})
     _split_bwd(grad_out, q, k, v, lse, delta, q, rng_ptr, dq, dk, dv, shape, strides, *flags,
                kernels, vl, opts)

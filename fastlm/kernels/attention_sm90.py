@@ -55,8 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (_dot, _dq_step, _fwd_finish, _key_ranges, _online_softmax,
-                        _philox_keep, _philox_key, _query_ranges, _scores)
+from .attention import (_dot, _dq_step, _fwd_finish, _in_window, _key_ranges,
+                        _online_softmax, _philox_keep, _philox_key, _query_ranges, _scores,
+                        _softcap, _window, _window_keys, _window_queries)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,15 +115,18 @@ def _fwd_blocks_tma(
     BLOCK_EV: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr,
     IEEE: tl.constexpr, VARLEN: tl.constexpr,
+    win, cap2,  # the window's (left, right, off) (fastlm/kernels/attention.py _window); the
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,  # soft-cap times log2(e)
 ):
     rows = tl.arange(0, BLOCK_N)
     for n0 in tl.range(lo, hi, BLOCK_N):
         offs_n = n0 + rows
         k = _tile(DescK, b, hk, k0 + n0, BLOCK_N, BLOCK_E, VARLEN)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        if SOFTCAP:
+            s, _ = _softcap(s, qk_scale, cap2)
         s = _scores(s, Mask_m + tl.cast(n0, tl.int64) * stride_mn, stride_mm, stride_mn, offs_m,
-                    offs_n, L, S, qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N, (-1, -1, 0),
-                    False)
+                    offs_n, L, S, qk_scale, MASK, CAUSAL, BOUNDS, BLOCK_M, BLOCK_N, win, WINDOW)
         p, acc, l_i, m_new = _online_softmax(s, acc, l_i, m_i, key, bh, offs_m, n0,
                                              drop_thresh, DROPOUT, BLOCK_M, BLOCK_N)
         v = _tile(DescV, b, hk, k0 + n0, BLOCK_N, BLOCK_EV, VARLEN)
@@ -138,10 +142,12 @@ def _fwd_tile(
     t,  # tile number: causal tiles are numbered longest first
     DescQ, DescK, DescV, DescO, Mask, Rng, CuQ, CuK, Out, Lse,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, group, L, S, Tq, qk_scale, drop_thresh, drop_scale,
+    Hq, group, L, S, Tq, qk_scale, drop_thresh, drop_scale, win_left, win_right, lower_right,
+    cap2,
     HEAD_EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, MASK: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     bh, b, h, hk, m0, q0, k0, L, S = _query_tile(t, CuQ, CuK, Hq, group, L, S, IS_CAUSAL,
                                                   BLOCK_M, VARLEN)
@@ -158,15 +164,25 @@ def _fwd_tile(
         acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_blocks_tma(
-            acc, l_i, m_i, q, DescK, DescV, b, hk, k0, Mask_m, stride_mm, stride_mn, key, bh,
-            offs_m, L, S, qk_scale, drop_thresh, 0, full_hi, BLOCK_M, BLOCK_N, BLOCK_E,
-            BLOCK_EV, MASK, False, False, DROPOUT, IEEE, VARLEN)
-        acc, l_i, m_i = _fwd_blocks_tma(
-            acc, l_i, m_i, q, DescK, DescV, b, hk, k0, Mask_m, stride_mm, stride_mn, key, bh,
-            offs_m, L, S, qk_scale, drop_thresh, full_hi, hi, BLOCK_M, BLOCK_N, BLOCK_E,
-            BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE, VARLEN)
+        if WINDOW:  # the keys the window reaches, each block with the window's select
+            win = _window(win_left, win_right, lower_right, L, S)
+            lo, hi = _window_keys(m0, S, win, BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _fwd_blocks_tma(
+                acc, l_i, m_i, q, DescK, DescV, b, hk, k0, Mask_m, stride_mm, stride_mn, key,
+                bh, offs_m, L, S, qk_scale, drop_thresh, lo, hi, BLOCK_M, BLOCK_N, BLOCK_E,
+                BLOCK_EV, MASK, False, True, DROPOUT, IEEE, VARLEN, win, cap2, True, SOFTCAP)
+        else:
+            full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _fwd_blocks_tma(
+                acc, l_i, m_i, q, DescK, DescV, b, hk, k0, Mask_m, stride_mm, stride_mn, key,
+                bh, offs_m, L, S, qk_scale, drop_thresh, 0, full_hi, BLOCK_M, BLOCK_N, BLOCK_E,
+                BLOCK_EV, MASK, False, False, DROPOUT, IEEE, VARLEN, (-1, -1, 0), cap2, False,
+                SOFTCAP)
+            acc, l_i, m_i = _fwd_blocks_tma(
+                acc, l_i, m_i, q, DescK, DescV, b, hk, k0, Mask_m, stride_mm, stride_mn, key,
+                bh, offs_m, L, S, qk_scale, drop_thresh, full_hi, hi, BLOCK_M, BLOCK_N, BLOCK_E,
+                BLOCK_EV, MASK, IS_CAUSAL, True, DROPOUT, IEEE, VARLEN, (-1, -1, 0), cap2,
+                False, SOFTCAP)
 
         out, lse = _fwd_finish(acc, l_i, m_i, drop_scale, DROPOUT)
         out = out.to(Out.dtype.element_ty)
@@ -182,7 +198,8 @@ def _fwd_tile(
             tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["B", "Hq", "group", "L", "S", "Tq", "drop_thresh"])
+@triton.jit(do_not_specialize=["B", "Hq", "group", "L", "S", "Tq", "drop_thresh", "win_left",
+                               "win_right", "lower_right"])
 def _attn_fwd_tma(
     DescQ,  # q (B, Hq, L, E) [dense] or (total_q, Hq, E) [varlen]: TMA descriptor
     DescK,  # k (B, Hk, S, E) or (total_k, Hk, E)
@@ -202,6 +219,8 @@ def _attn_fwd_tma(
     qk_scale,  # scale * log2(e)
     drop_thresh,  # dropout_threshold(dropout_p)
     drop_scale,  # dropout_scale(dropout_p), float32
+    win_left, win_right, lower_right,  # WINDOW: the bounds (-1: none) and the diagonal
+    cap2,  # SOFTCAP: softcap * log2(e)
     HEAD_EV: tl.constexpr,  # Ev
     BLOCK_M: tl.constexpr,  # query rows per tile
     BLOCK_N: tl.constexpr,  # keys per step
@@ -212,6 +231,8 @@ def _attn_fwd_tma(
     DROPOUT: tl.constexpr,
     IEEE: tl.constexpr,  # 2: the interpreter's bfloat16 (see fastlm/kernels/attention.py _dot)
     VARLEN: tl.constexpr,  # packed sequences: b is a sequence of CuQ, CuK (no mask)
+    WINDOW: tl.constexpr,  # a window or the lower-right diagonal (then not IS_CAUSAL)
+    SOFTCAP: tl.constexpr,
 ):
     # Tiles t = pid, pid + programs, ...: one per program, or a persistent grid of one
     # program per SM (the table's choice); causal tiles are numbered longest first.
@@ -219,8 +240,9 @@ def _attn_fwd_tma(
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
         _fwd_tile(t, DescQ, DescK, DescV, DescO, Mask, Rng, CuQ, CuK, Out, Lse, stride_mb,
                   stride_mh, stride_mm, stride_mn, Hq, group, L, S, Tq, qk_scale, drop_thresh,
-                  drop_scale, HEAD_EV, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, IS_CAUSAL,
-                  DROPOUT, IEEE, VARLEN)
+                  drop_scale, win_left, win_right, lower_right, cap2, HEAD_EV, BLOCK_M,
+                  BLOCK_N, BLOCK_E, BLOCK_EV, MASK, IS_CAUSAL, DROPOUT, IEEE, VARLEN, WINDOW,
+                  SOFTCAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,6 +532,7 @@ def _dkdv_blocks_tma(
     MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     VARLEN: tl.constexpr, INTERP: tl.constexpr,
     PART: tl.constexpr,  # 0: dK and dV; 1: dV only; 2: dK only (dk, dv: the other unused)
+    win, cap2, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,  # as _fwd_blocks_tma's
 ):
     rows = tl.arange(0, BLOCK_M)
     for m0 in tl.range(lo, hi, BLOCK_M):
@@ -519,6 +542,8 @@ def _dkdv_blocks_tma(
         # Rows past L (TMA's zeros, or the next sequence's rows) have lse = +inf: p = 0.
         lse2 = tl.load(Lse_h + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        if SOFTCAP:  # (tanh is not kept: dS recovers it from p, below)
+            s, _ = _softcap(s, qk_scale, cap2)
         s = s * qk_scale
         if MASK != 0:
             tile = rows[:, None] * stride_mm + tl.arange(0, BLOCK_N)[None, :] * stride_mn
@@ -531,6 +556,8 @@ def _dkdv_blocks_tma(
         if CAUSAL:  # key n0 + c <= query m0 + r, spelled so that no key index is hoisted
             s = tl.where((offs_m - n0)[:, None] - tl.arange(0, BLOCK_N)[None, :] >= 0, s,
                          float("-inf"))
+        if WINDOW:
+            s = tl.where(_in_window(offs_m[:, None], offs_n[None, :], win), s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         do = _tile(DescDO, b, h, q0 + m0, BLOCK_M, BLOCK_EV, VARLEN)
         if DROPOUT:
@@ -549,11 +576,20 @@ def _dkdv_blocks_tma(
                 dp = tl.where(p >= 0.0, dp * drop_scale, 0.0)
                 p = tl.abs(p)
             ds = p * (dp - Di[:, None])
+            if SOFTCAP:
+                # cap' = 1 - tanh^2, tanh = s2 / cap2 with s2 = log2(p) + lse2 the capped score
+                # of every p > 0 (no additive mask here: the table leaves float masks out), so
+                # no tanh tile lives across the dP product; p = 0 gives dS = 0.
+                live = p > 0.0  # (then lse2 is finite)
+                th = (tl.math.log2(tl.where(live, p, 1.0))
+                      + tl.where(live, lse2[:, None], 0.0)) / cap2
+                ds = tl.where(live, ds * (1.0 - th * th), 0.0)
             dk = _settled(_dot(tl.trans(ds.to(q.dtype)), q, dk, IEEE), INTERP)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Hq", "Hk", "group", "L", "S", "Tq", "drop_thresh"])
+@triton.jit(do_not_specialize=["Hq", "Hk", "group", "L", "S", "Tq", "drop_thresh", "win_left",
+                               "win_right", "lower_right"])
 def _attn_bwd_dkdv_tma(
     DescQ, DescK, DescV, DescDO, Lse, Delta, Mask, Rng, CuQ, CuK, DK, DV,  # as _attn_bwd_tma's
     stride_mb, stride_mh, stride_mm, stride_mn,
@@ -561,6 +597,7 @@ def _attn_bwd_dkdv_tma(
     qk_scale,  # scale * log2(e)
     scale,  # the softmax scale (dK = scale * dS^T Q)
     drop_thresh, drop_scale,
+    win_left, win_right, lower_right, cap2,  # as _attn_fwd_tma's
     HEAD_E: tl.constexpr, HEAD_EV: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per step
     BLOCK_N: tl.constexpr,  # keys per program
@@ -569,7 +606,9 @@ def _attn_bwd_dkdv_tma(
     VARLEN: tl.constexpr,
     INTERP: tl.constexpr,  # Triton's interpreter (no inline PTX)
     PART: tl.constexpr,  # 0: dK and dV; 1: dV only; 2: dK only (two launches, one product
-):  # fewer registers: the variants that would spill otherwise, CONFIGS)
+    # fewer registers: the variants that would spill otherwise, CONFIGS)
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,  # as _attn_fwd_tma's
+):
     num_n = tl.cdiv(S, BLOCK_N)
     bhk = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
@@ -587,6 +626,11 @@ def _attn_bwd_dkdv_tma(
         if DROPOUT:
             key = _philox_key(Rng)
         lo, mid = _query_ranges(n0, L, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        win = (-1, -1, 0)
+        hi = L
+        if WINDOW:  # the query rows the window reaches, each step with the window's select
+            win = _window(win_left, win_right, lower_right, L, S)
+            mid, hi = _window_queries(n0, L, win, BLOCK_M, BLOCK_N)
         for g in range(group):
             h = hk * group + g
             bh = b * Hq + h
@@ -597,12 +641,12 @@ def _attn_bwd_dkdv_tma(
                     dk, dv, k, v, DescQ, DescDO, b, h, q0, Lse_h, Delta_h, Mask_n, stride_mm,
                     stride_mn, key, bh, n0, offs_n, L, S, qk_scale, drop_thresh, drop_scale,
                     lo, mid, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, True, DROPOUT, IEEE,
-                    VARLEN, INTERP, PART)
+                    VARLEN, INTERP, PART, win, cap2, False, SOFTCAP)
             dk, dv = _dkdv_blocks_tma(
                 dk, dv, k, v, DescQ, DescDO, b, h, q0, Lse_h, Delta_h, Mask_n, stride_mm,
                 stride_mn, key, bh, n0, offs_n, L, S, qk_scale, drop_thresh, drop_scale, mid,
-                L, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False, DROPOUT, IEEE, VARLEN,
-                INTERP, PART)
+                hi, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False, DROPOUT, IEEE, VARLEN,
+                INTERP, PART, win, cap2, WINDOW, SOFTCAP)
         if PART != 1:
             _store_rows(DK, dk * scale, offs_n, S, k0, bhk, Hk, HEAD_E, BLOCK_E, VARLEN)
         if PART != 2:
@@ -655,6 +699,7 @@ def _dq_blocks_tma(
     BOUNDS: tl.constexpr,  # mask keys past S: packed ones are the next sequence's rows (dense
     DROPOUT: tl.constexpr,  # ones are TMA's zeros, and k = 0 adds nothing to dQ)
     IEEE: tl.constexpr, VARLEN: tl.constexpr,
+    win, cap2, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,  # as _fwd_blocks_tma's
 ):
     rows = tl.arange(0, BLOCK_N)
     for n0 in tl.range(lo, hi, BLOCK_N):
@@ -664,11 +709,12 @@ def _dq_blocks_tma(
         dq = _dq_step(dq, q, do, k, v, lse2, Di, Mask_m + tl.cast(n0, tl.int64) * stride_mn,
                       stride_mm, stride_mn, key, bh, offs_m, n0, offs_n, L, S, qk_scale,
                       drop_thresh, drop_scale, BLOCK_M, BLOCK_N, MASK, CAUSAL, BOUNDS, DROPOUT,
-                      IEEE, (-1, -1, 0), 0.0, False, False)
+                      IEEE, win, cap2, WINDOW, SOFTCAP)
     return dq
 
 
-@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "Tq", "drop_thresh"])
+@triton.jit(do_not_specialize=["Hq", "group", "L", "S", "Tq", "drop_thresh", "win_left",
+                               "win_right", "lower_right"])
 def _attn_bwd_dq_tma(
     DescQ, DescK, DescV, DescDO,  # as _attn_bwd_dkdv_tma's
     Lse, Delta, Mask, Rng, CuQ, CuK,
@@ -678,12 +724,14 @@ def _attn_bwd_dq_tma(
     qk_scale,  # scale * log2(e)
     scale,  # the softmax scale (dQ = scale * dS K)
     drop_thresh, drop_scale,
+    win_left, win_right, lower_right, cap2,  # as _attn_fwd_tma's
     HEAD_E: tl.constexpr, HEAD_EV: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per step
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     VARLEN: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,  # as _attn_fwd_tma's
 ):
     # One program per (query block, b * Hq + h); causal: the longest rows first.
     bh, b, h, hk, m0, q0, k0, L, S = _query_tile(tl.program_id(0), CuQ, CuK, Hq, group, L, S,
@@ -707,15 +755,25 @@ def _attn_bwd_dq_tma(
             Mask_m = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
                       + tl.cast(m0, tl.int64) * stride_mm)
         dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-        full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
-        dq = _dq_blocks_tma(dq, q, do, lse2, Di, DescK, DescV, b, hk, k0, Mask_m, stride_mm,
-                            stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh, drop_scale,
-                            0, full_hi, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, False, False,
-                            DROPOUT, IEEE, VARLEN)
-        dq = _dq_blocks_tma(dq, q, do, lse2, Di, DescK, DescV, b, hk, k0, Mask_m, stride_mm,
-                            stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh, drop_scale,
-                            full_hi, hi, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK, IS_CAUSAL,
-                            VARLEN, DROPOUT, IEEE, VARLEN)
+        if WINDOW:  # the keys the window reaches, each step with the window's select
+            win = _window(win_left, win_right, lower_right, L, S)
+            lo, hi = _window_keys(m0, S, win, BLOCK_M, BLOCK_N)
+            dq = _dq_blocks_tma(dq, q, do, lse2, Di, DescK, DescV, b, hk, k0, Mask_m, stride_mm,
+                                stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
+                                drop_scale, lo, hi, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV, MASK,
+                                False, VARLEN, DROPOUT, IEEE, VARLEN, win, cap2, True, SOFTCAP)
+        else:
+            full_hi, hi = _key_ranges(S, m0, IS_CAUSAL, BLOCK_M, BLOCK_N)
+            dq = _dq_blocks_tma(dq, q, do, lse2, Di, DescK, DescV, b, hk, k0, Mask_m, stride_mm,
+                                stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
+                                drop_scale, 0, full_hi, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
+                                MASK, False, False, DROPOUT, IEEE, VARLEN, (-1, -1, 0), cap2,
+                                False, SOFTCAP)
+            dq = _dq_blocks_tma(dq, q, do, lse2, Di, DescK, DescV, b, hk, k0, Mask_m, stride_mm,
+                                stride_mn, key, bh, offs_m, L, S, qk_scale, drop_thresh,
+                                drop_scale, full_hi, hi, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
+                                MASK, IS_CAUSAL, VARLEN, DROPOUT, IEEE, VARLEN, (-1, -1, 0),
+                                cap2, False, SOFTCAP)
         _store_rows(DQ, dq * scale, offs_m, L, q0, bh, Hq, HEAD_E, BLOCK_E, VARLEN)
 
 
@@ -797,6 +855,61 @@ SPILLS = {
     ("dkdv", 2, 64, False, True, 2, False): (8, 6),
     ("dq", None, 128, True, True, 0, False): (32, 4),
     ("dq", None, 64, False, True, 1, False): (8, 0),
+    # with the options: (..., varlen, window, softcap)
+    ("dkdv", 0, 64, False, False, 0, False, True, True): (96, 6),  # fp16 only
+    ("dkdv", 0, 64, True, False, 0, False, False, True): (16, 6),
+    ("dkdv", 2, 64, False, False, 0, True, True, True): (56, 8),
+    ("dkdv", 0, 64, False, False, 0, True, False, True): (8, 6),
+    ("dkdv", 0, 64, True, False, 0, True, False, True): (24, 4),
+    ("dkdv", 0, 128, False, False, 0, False, True, False): (128, 2),
+    ("dkdv", 2, 128, True, False, 0, False, False, True): (8, 2),
+    ("dkdv", 0, 128, False, True, 0, False, True, False): (16, 6),
+    ("dkdv", 2, 128, False, False, 0, True, True, True): (136, 6),
+    ("dkdv", 2, 128, False, False, 0, True, False, True): (8, 2),
+    ("dkdv", 2, 128, True, False, 0, True, False, True): (56, 6),
+    ("dkdv", 2, 128, False, True, 0, True, True, False): (16, 0),
+    ("dkdv", 2, 128, False, True, 0, True, True, True): (24, 6),
+    ("dkdv", 2, 128, False, True, 0, True, False, True): (8, 0),
+    ("dq", None, 128, False, True, 0, False, True, False): (24, 6),
+    ("dq", None, 128, True, True, 0, False, False, True): (8, 1),
+}
+# The attention options (a window or the lower-right diagonal: WINDOW; soft-capping: SOFTCAP;
+# docs/attention.md) on the same tiles: the forward and the split backward take them without
+# a mask (a window never comes with one; soft-capping with one runs the FlashAttention-2
+# kernels: the dK/dV kernel recovers tanh from p, which an additive mask would shift), the
+# fused backward not at all (its calls take the split one). Chosen by the rule above from the
+# SASS of every option variant (ptxas of triton 3.8, bf16 and fp16; attention_sm90 of
+# 2026-12-04): one launch where its loops spill at most 8 loads and stores a step, else the
+# two-pass dK/dV where both passes do, else the FlashAttention-2 kernels.
+#   EXCLUDED_OPTIONS: (kind, head dim, causal, dropout, varlen, window, softcap) -> the dtypes
+#     left to the FlashAttention-2 kernels (soft-capping with dropout in the dense dK/dV
+#     kernel spills 32 .. 656 bytes with 14 .. 920 loop loads and stores in one pass or two).
+#   DKDV_TWO_PASS_OPTIONS: (head dim, causal, dropout, varlen, window, softcap) of the dK/dV
+#     launches made in two passes (as DKDV_TWO_PASS).
+OPTIONS = {"fwd": True, "bwd": False, "dkdv": True, "dq": True}
+_BOTH = ("float16", "bfloat16")
+EXCLUDED_OPTIONS = {
+    ("dkdv", 64, False, True, False, True, True): _BOTH,
+    ("dkdv", 64, False, True, False, False, True): _BOTH,
+    ("dkdv", 64, True, True, False, False, True): _BOTH,
+    ("dkdv", 64, False, True, True, True, True): _BOTH,
+    ("dkdv", 64, False, True, True, False, True): _BOTH,
+    ("dkdv", 64, True, True, True, False, True): _BOTH,
+    ("dkdv", 128, False, False, False, True, True): _BOTH,
+    ("dkdv", 128, False, True, False, True, True): _BOTH,
+    ("dkdv", 128, False, True, False, False, True): _BOTH,
+    ("dkdv", 128, True, True, False, False, True): _BOTH,
+    ("dkdv", 128, True, True, True, False, True): _BOTH,
+    ("dq", 128, False, True, True, True, True): _BOTH,
+    ("fwd", 64, False, True, True, False, True): ("float16",),
+    ("fwd", 64, True, True, True, False, True): ("float16",),
+}
+DKDV_TWO_PASS_OPTIONS = {
+    (64, False, False, True, True, True), (128, False, False, False, False, True),
+    (128, True, False, False, False, True), (128, False, False, True, True, False),
+    (128, False, False, True, True, True), (128, False, False, True, False, True),
+    (128, True, False, True, False, True), (128, False, True, True, True, False),
+    (128, False, True, True, True, True), (128, False, True, True, False, True),
 }
 # Forward: a persistent grid (one program per SM looping over tiles) or one tile per program.
 PERSISTENT_FWD = False
@@ -808,10 +921,17 @@ def _d(e, ev):
     return max(64, triton.next_power_of_2(max(e, ev)))
 
 
-def supports(kind, dtype, e, ev, masked, causal, dropout, varlen=False):
+def supports(kind, dtype, e, ev, masked, causal, dropout, varlen=False, window=False,
+             softcap=False):
     """Whether kernel `kind` ("fwd", "bwd" (fused), "dkdv", "dq") has a tile (CONFIGS) for
-    these inputs."""
+    these inputs; window / softcap: the WINDOW and SOFTCAP options of the launch (OPTIONS)."""
     d = _d(e, ev)
+    if (window or softcap) and (masked or not OPTIONS[kind]):
+        return False
+    if (window or softcap) and str(dtype).removeprefix("torch.") in EXCLUDED_OPTIONS.get(
+            (kind, d, bool(causal), bool(dropout), bool(varlen), bool(window), bool(softcap)),
+            ()):
+        return False
     return (dtype in (torch.float16, torch.bfloat16)
             and (MASKS[kind] or not masked) and (VARLEN[kind] or not varlen)
             and (bool(causal), bool(dropout)) in CONFIGS[kind].get(d, {})
@@ -819,8 +939,11 @@ def supports(kind, dtype, e, ev, masked, causal, dropout, varlen=False):
             not in EXCLUDED)
 
 
-def dkdv_parts(e, ev, mask_kind, causal, dropout, varlen=False):
+def dkdv_parts(e, ev, mask_kind, causal, dropout, varlen=False, window=False, softcap=False):
     """The PART of each _attn_bwd_dkdv_tma launch: (0,) one launch for dK and dV, or (1, 2)."""
+    if window or softcap:
+        key = (_d(e, ev), bool(causal), bool(dropout), bool(varlen), bool(window), bool(softcap))
+        return (1, 2) if key in DKDV_TWO_PASS_OPTIONS else (0,)
     key = (_d(e, ev), bool(causal), bool(dropout), int(mask_kind), bool(varlen))
     return (1, 2) if key in DKDV_TWO_PASS else (0,)
 
@@ -868,14 +991,22 @@ def _programs(device, tiles, per_sm):
     return max(1, min(tiles, _SMS[idx] * per_sm))
 
 
-def meta(kind, e, ev, m_len, n_len, mask_kind, causal, dropout, ieee, varlen, fit):
+# The kernels' option arguments of a launch without options.
+PLAIN_ARGS = (-1, -1, 0, 0.0)
+
+
+def meta(kind, e, ev, m_len, n_len, mask_kind, causal, dropout, ieee, varlen, fit,
+         window=False, softcap=False):
     """Meta-parameters of one launch; m_len / n_len: rows along BLOCK_M / BLOCK_N; `fit`
-    shrinks a block to a short sequence (fastlm/kernels/attention.py _fit)."""
+    shrinks a block to a short sequence (fastlm/kernels/attention.py _fit); window, softcap:
+    the WINDOW and SOFTCAP options (not for the fused backward)."""
     bm, bn, warps, stages = CONFIGS[kind][_d(e, ev)][(bool(causal), bool(dropout))]
     pad = lambda x: max(16, triton.next_power_of_2(x))  # noqa: E731
     m = dict(HEAD_EV=ev, BLOCK_M=fit(bm, m_len), BLOCK_N=fit(bn, n_len), BLOCK_E=pad(e),
              BLOCK_EV=pad(ev), MASK=mask_kind, IS_CAUSAL=causal, DROPOUT=dropout, IEEE=ieee,
              VARLEN=varlen, num_warps=warps, num_stages=stages)
+    if kind != "bwd":
+        m.update(WINDOW=bool(window), SOFTCAP=bool(softcap))
     if kind == "bwd":
         m.update(HEAD_E=e, NT=32 * warps, INTERP=interpreting())
     elif kind == "dkdv":
@@ -886,13 +1017,14 @@ def meta(kind, e, ev, m_len, n_len, mask_kind, causal, dropout, ieee, varlen, fi
 
 
 def split_call(kind, q, k, v, do, lse, delta, mask, rng, cu_q, cu_k, outs, ms, shape, tq,
-               scale, thresh, rscale, mt):
+               scale, thresh, rscale, mt, opt_args=PLAIN_ARGS):
     """(kernel, grid, args) of one launch of the split backward with meta `mt`: kind "dkdv"
     (outs = (dk, dv)) or "dq" (outs = (dq,)). q, k, v, do are tensors (their descriptors are
-    built here); shape is (B, Hq, Hk, L, S, E, Ev) (varlen: B sequences, L, S the longest)."""
+    built here); shape is (B, Hq, Hk, L, S, E, Ev) (varlen: B sequences, L, S the longest);
+    opt_args: (win_left, win_right, lower_right, softcap * log2(e)) of the options."""
     B, Hq, Hk, L, S, _, _ = shape
     descs = bwd_descs(q, k, v, do, mt, mt["VARLEN"])
-    rest = (Hq // Hk, L, S, tq, scale * 1.4426950408889634, scale, thresh, rscale)
+    rest = (Hq // Hk, L, S, tq, scale * 1.4426950408889634, scale, thresh, rscale, *opt_args)
     if kind == "dkdv":
         grid = (triton.cdiv(S, mt["BLOCK_N"]) * B * Hk,)
         return _attn_bwd_dkdv_tma, grid, (*descs, lse, delta, mask, rng, cu_q, cu_k, *outs,
@@ -946,7 +1078,29 @@ def variants(kinds=("fwd", "bwd", "dkdv", "dq"), head_dims=(64, 128)):
     return out
 
 
-def aot_spec(dt, kind, part, d, causal, dropout, mask, varlen):
+def option_variants(kinds=("fwd", "dkdv", "dq"), head_dims=(64, 128), dtype=torch.bfloat16):
+    """The launches with the attention options that the table ships for `dtype`, as variants()
+    entries with (window, softcap) appended: a window (with or without soft-capping),
+    soft-capping alone and with causal; no mask; dense and packed; with and without
+    dropout."""
+    out = []
+    for kind in kinds:
+        for d in head_dims:
+            for varlen in (False, True):
+                for dropout in (False, True):
+                    for window, softcap, causal in ((True, False, False), (True, True, False),
+                                                    (False, True, False), (False, True, True)):
+                        if not supports(kind, dtype, d, d, False, causal, dropout, varlen,
+                                        window, softcap):
+                            continue
+                        parts = ((None,) if kind != "dkdv" else
+                                 dkdv_parts(d, d, 0, causal, dropout, varlen, window, softcap))
+                        out += [(kind, part, d, causal, dropout, 0, varlen, window, softcap)
+                                for part in parts]
+    return out
+
+
+def aot_spec(dt, kind, part, d, causal, dropout, mask, varlen, window=False, softcap=False):
     """(kernel, args, meta) of one launch of `variants` for ahead-of-time compilation (`fastlm
     compile`, the SASS checks) with inputs of dtype dt: B = 4, Hq = Hk = 16, L = S = 1024
     (dense, contiguous; lengths are not specialized) or 4 packed sequences (total 4096), a
@@ -955,7 +1109,7 @@ def aot_spec(dt, kind, part, d, causal, dropout, mask, varlen):
     from .attention import _fit
 
     f32, i32 = torch.float32, torch.int32
-    mt = meta(kind, d, d, 1024, 1024, mask, causal, dropout, 0, varlen, _fit)
+    mt = meta(kind, d, d, 1024, 1024, mask, causal, dropout, 0, varlen, _fit, window, softcap)
     x = torch.empty((16, 1, d) if varlen else (1, 1, 16, d), dtype=dt)
     # unused pointers are q's dtype, as the launches pass q for them
     mp = (torch.uint8 if mask == 1 else dt) if mask else dt
@@ -966,7 +1120,7 @@ def aot_spec(dt, kind, part, d, causal, dropout, mask, varlen):
     qk = 0.125 * 1.4426950408889634
     if kind == "fwd":
         args = (*fwd_descs(x, x, x, x, mt, varlen), mp, rp, *cu, dt, f32, *ms, 4, 16, 1, 1024,
-                1024, 4096, qk, *drop)
+                1024, 4096, qk, *drop, *PLAIN_ARGS)
         return _attn_fwd_tma, args, mt
     if kind == "bwd":
         mt["INTERP"] = False
