@@ -422,8 +422,7 @@ def test_options_bad_values_are_rejected_by_the_cuda_host_code(emu):
 def test_varlen_options_against_float64(emu, dtype):
     """varlen with a window, the lower-right diagonal (each sequence's own S - L), soft-capping
     and dropout, against fastlm's varlen reference in float64."""
-    from fastlm.ops.attention import (reference_varlen_attention_bwd,
-                                      reference_varlen_attention_fwd)
+    from fastlm.ops.attention import reference_varlen_attention_bwd, reference_varlen_attention_fwd
 
     lq, lk = [30, 0, 75, 9], [50, 12, 40, 0]
     cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
